@@ -1,0 +1,1 @@
+"""Sub-commands of the ``fedmpt`` CLI; each module exposes ``register(subparsers)``."""

@@ -1,0 +1,25 @@
+"""Exception hierarchy of the ``fedmpt`` library.
+
+Every error raised for a user mistake is one of these, with the offending parameter, file or value in the
+message; a bare stack trace from a dependency is never the answer to bad input.
+"""
+
+
+class FedMPTError(Exception):
+    """Base class of every error raised by ``fedmpt`` on purpose."""
+
+
+class ConfigError(FedMPTError, ValueError):
+    """A configuration value is unknown, of the wrong type or out of its valid range."""
+
+
+class DatasetError(FedMPTError):
+    """A dataset file is missing, unreadable, truncated or inconsistent (the message names the file)."""
+
+
+class BackboneUnavailableError(FedMPTError):
+    """The requested CLIP backbone weights cannot be had (offline, missing file, unknown name)."""
+
+
+class ConditionsError(FedMPTError):
+    """A conditions file is malformed, or was made for another class list."""
