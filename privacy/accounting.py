@@ -4,8 +4,8 @@ Guarantee accounted for: record-level (example-level) (epsilon, delta)-DP of one
 add/remove-one neighbouring relation. Each DP-SGD optimizer step is a Poisson-subsampled Gaussian mechanism:
 every record of the client's dataset is included independently with probability ``q`` (the sample rate), the
 per-record gradients are clipped to L2 norm ``C`` and Gaussian noise of standard deviation ``sigma * C`` is
-added to their sum (``sigma`` is the noise multiplier). Epsilon depends only on ``(sigma, q)`` and the number of
-steps, never on ``C``.
+added to their sum (``sigma`` is the noise multiplier). Epsilon depends only on ``(sigma, q)`` and the number
+of steps, never on ``C``.
 
 A client's privacy loss composes over *every* step of *every* round it has ever trained in, so the history of
 events must persist per node across Flower rounds (Flower rebuilds the ClientApp for each message): keep it in
@@ -19,8 +19,8 @@ Accountants:
 * ``pld``: privacy loss distributions (Koskela et al. 2020; Doroshenko et al. 2022) via ``dp_accounting``'s
   ``PLDAccountant`` with a Poisson-subsampled Gaussian event, pessimistic discretisation (an upper bound up to
   the discretisation of the loss values, ``value_discretization_interval``). Tighter than RDP.
-* ``prv``: Opacus's privacy random variable accountant (Gopi et al. 2021, arXiv 2106.02848); optional, known to
-  fail for some settings (Opacus issues #591, #601, #604), so it never backs a budget here.
+* ``prv``: Opacus's privacy random variable accountant (Gopi et al. 2021, arXiv 2106.02848); optional, known
+  to fail for some settings (Opacus issues #591, #601, #604), so it never backs a budget here.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def validate_sample_rate(sample_rate: float, name: str = "sample_rate") -> float
 
 
 def validate_noise_multiplier(noise_multiplier: float, name: str = "noise_multiplier") -> float:
-    """Return ``noise_multiplier`` as a float, or raise :class:`PrivacyParameterError` unless finite and > 0."""
+    """Return ``noise_multiplier`` as a float; raise :class:`PrivacyParameterError` unless finite and > 0."""
     if (
         isinstance(noise_multiplier, bool)
         or not isinstance(noise_multiplier, Real)
@@ -100,7 +100,7 @@ def validate_noise_multiplier(noise_multiplier: float, name: str = "noise_multip
 
 
 def validate_steps(steps: int, name: str = "steps", minimum: int = 0) -> int:
-    """Return ``steps`` as an int, or raise :class:`PrivacyParameterError` unless an integer >= ``minimum``."""
+    """Return ``steps`` as an int; raise :class:`PrivacyParameterError` unless an integer >= ``minimum``."""
     if isinstance(steps, bool) or not isinstance(steps, Integral):
         raise PrivacyParameterError(f"{name} must be an integer >= {minimum}, got {steps!r}")
     if int(steps) < minimum:
@@ -143,7 +143,7 @@ class DpSgdEvent:
         object.__setattr__(self, "steps", validate_steps(self.steps))
 
     def as_opacus_tuple(self) -> tuple[float, float, int]:
-        """The event as an entry of an Opacus accountant ``history``: ``(noise_multiplier, sample_rate, steps)``."""
+        """The event as an Opacus accountant ``history`` entry: ``(noise_multiplier, sample_rate, steps)``."""
         return (self.noise_multiplier, self.sample_rate, self.steps)
 
 
@@ -153,8 +153,8 @@ _Groups = tuple[tuple[float, float, int], ...]
 def _group(history: Iterable[DpSgdEvent]) -> _Groups:
     """Merge events with identical ``(sigma, q)`` and sort them, dropping zero-step events.
 
-    Composition is commutative and ``k`` steps followed by ``l`` steps of the same mechanism are ``k + l`` steps,
-    so grouping changes no epsilon; it makes the PLD computation cheaper and independent of event order.
+    Composition is commutative and ``k`` steps then ``l`` steps of the same mechanism are ``k + l`` steps, so
+    grouping changes no epsilon; it makes the PLD computation cheaper and independent of event order.
     """
     totals: dict[tuple[float, float], int] = {}
     for event in history:
@@ -226,8 +226,8 @@ def epsilon_pld(
 def epsilon_prv(history: Iterable[DpSgdEvent], delta: float, eps_error: float = 0.01) -> float:
     """Cumulative epsilon (upper estimate) of ``history`` at ``delta`` from Opacus's PRV accountant.
 
-    Optional cross-check only: PRV fails for some (sigma, q, steps) and above epsilon ~ 10; such failures raise
-    :class:`AccountingError`.
+    Optional cross-check only: PRV fails for some (sigma, q, steps) and above epsilon ~ 10; such failures
+    raise :class:`AccountingError`.
     """
     delta = validate_delta(delta)
     groups = _group(history)
@@ -238,13 +238,15 @@ def epsilon_prv(history: Iterable[DpSgdEvent], delta: float, eps_error: float = 
     try:
         return float(accountant.get_epsilon(delta=delta, eps_error=eps_error))
     except (ValueError, RuntimeError, MemoryError, OverflowError) as err:
-        raise AccountingError(f"PRV accountant failed for history {groups!r} at delta={delta!r}: {err}") from err
+        raise AccountingError(
+            f"PRV accountant failed for history {groups!r} at delta={delta!r}: {err}"
+        ) from err
 
 
 def compute_epsilon(
     history: Iterable[DpSgdEvent], delta: float, accountant: AccountantKind | str = AccountantKind.RDP
 ) -> float:
-    """Cumulative epsilon of ``history`` at ``delta`` with the named accountant (``rdp``, ``pld`` or ``prv``)."""
+    """Cumulative epsilon of ``history`` at ``delta`` with ``accountant`` (``rdp``, ``pld`` or ``prv``)."""
     kind = parse_accountant(accountant)
     if kind is AccountantKind.RDP:
         return epsilon_rdp(history, delta)
@@ -300,7 +302,8 @@ class PrivacyAccountant:
         for index, item in enumerate(state):
             if len(item) != 3:
                 raise PrivacyParameterError(
-                    f"accountant state entry {index} must be [noise_multiplier, sample_rate, steps], got {item!r}"
+                    f"accountant state entry {index} must be [noise_multiplier, sample_rate, steps], "
+                    f"got {item!r}"
                 )
             sigma, q, steps = item
             events.append(DpSgdEvent(noise_multiplier=sigma, sample_rate=q, steps=int(steps)))

@@ -22,7 +22,7 @@ class AccountingError(PrivacyError):
 
 
 class LedgerError(PrivacyError):
-    """A ledger file cannot be read, is corrupt, or an append would break its chain (the message says where)."""
+    """A ledger file cannot be read, is corrupt, or an append would break its chain (message says where)."""
 
 
 class IdentityError(PrivacyError):
