@@ -1,0 +1,754 @@
+"""Secure aggregation by double masking (Bonawitz et al. 2017), optionally on the SecAgg+ graph (Bell et al.).
+
+The protocol runs as four named stages. Client functions take the :class:`ClientState` and the server's
+request bytes and return reply bytes; server functions take the :class:`ServerState` and the replies that
+arrived before the stage timeout (missing nodes have dropped) and return the next requests.
+
+====================  ==========================================  ===========================================
+stage                 client (node u)                              server
+====================  ==========================================  ===========================================
+0 start               --                                           :func:`server_start_round`: participants,
+                                                                    graph seed, d -> ADVERTISE_REQUEST
+1 advertise keys      :func:`advertise_keys`: fresh X25519 c/s     :func:`server_collect_advertisements`: U1,
+                      pairs, Ed25519-signed                        route neighbours' bundles
+2 share keys          :func:`share_keys`: verify bundles against   :func:`server_collect_shares`: U2, route
+                      the roster; draw b_u; Shamir-share b_u and   ciphertexts to their recipients
+                      s_sk_u (t of |N(u)|); AEAD-encrypt per peer
+3 masked input        :func:`masked_input`: decrypt shares;        :func:`server_collect_masked_inputs`: U3,
+                      y_u = e_u + PRG(b_u) + sum_v +-PRG(s_uv)     running modular sum; survivor list
+4 unmask              :func:`unmask`: b_v shares for survivors,    :func:`server_unmask`: reconstruct b_v
+                      s_sk_v shares for dropouts, never both       (v in U3) and s_sk_v (v in U2 \\ U3),
+                                                                    remove masks, decode the weighted mean
+====================  ==========================================  ===========================================
+
+Sign convention: u adds +PRG(s_uv) if u < v and -PRG(s_uv) otherwise, so pairwise masks of two survivors
+cancel. The self mask PRG(b_u) hides y_u even if u's pairwise masks are later revealed because it was
+(wrongly) declared dropped. Threat model: an honest-but-curious server colluding with fewer than t clients
+learns only the sum of at least t inputs; the Ed25519 signatures against a provisioned roster additionally
+stop a server from substituting round keys, and every honest client refuses to reveal both shares for one
+peer. There is no consistency-check round, so an actively malicious server can still show different survivor
+lists to different clients (see docs/secure_aggregation.md). A SecAgg+ graph needs t > k/2 for that
+argument; it is warned about, not refused.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import os
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from fedmpt.errors import ConfigError
+from secagg import wire
+from secagg.config import MaskingConfig
+from secagg.encoding import check_capacity, decode_sum, encode, quantization_error_bound
+from secagg.errors import MessageRejected, ProtocolError, ThresholdNotMet
+from secagg.keys import (
+    SERVER_ID,
+    Identity,
+    Roster,
+    RoundKeyPair,
+    advertise_transcript,
+    check_node_id,
+    pairwise_seed,
+    round_context,
+    share_encryption_key,
+    x25519_from_private_bytes,
+    x25519_private_bytes,
+)
+from secagg.prg import Purpose, fresh_seed, mask_vector
+from secagg.shamir import Share, decode_share, encode_share, reconstruct, split
+from secagg.wire import Kind, RevealKind
+
+logger = logging.getLogger(__name__)
+
+_ZERO_NONCE = bytes(12)
+#: Largest model vector accepted from a server request (2**31 coordinates).
+MAX_VECTOR_LENGTH = 2**31
+
+
+# --------------------------------------------------------------------------------------------------- graph
+
+
+def neighbour_graph(
+    participants: Sequence[int], neighbourhood_size: int | None, graph_seed: bytes
+) -> dict[int, frozenset[int]]:
+    """SecAgg+ communication graph: each node's neighbours (never itself).
+
+    ``neighbourhood_size`` None, or k >= n-1, gives the complete graph of SecAgg. Otherwise the nodes are
+    placed on a ring in the order of SHA-256(graph_seed || node id) (a permutation every client can
+    recompute from the seed, so all views agree) and each node is joined to the k/2 nearest ring positions
+    on each side: the k-regular Harary graph H_{k,n} of Bell et al. 2020.
+    """
+    nodes = sorted(participants)
+    n = len(nodes)
+    if neighbourhood_size is None or neighbourhood_size >= n - 1:
+        everyone = frozenset(nodes)
+        return {u: everyone - {u} for u in nodes}
+    ring = sorted(nodes, key=lambda u: hashlib.sha256(graph_seed + struct.pack("<Q", u)).digest())
+    half = neighbourhood_size // 2
+    graph: dict[int, set[int]] = {u: set() for u in nodes}
+    for i, u in enumerate(ring):
+        for step in range(1, half + 1):
+            v = ring[(i + step) % n]
+            graph[u].add(v)
+            graph[v].add(u)
+    return {u: frozenset(vs) for u, vs in graph.items()}
+
+
+def _pair_sign_mask(
+    own: int, peer: int, seed: bytes, context: bytes, length: int, bits: int
+) -> tuple[bool, np.ndarray]:
+    """(add?, PRG(s_uv)): node ``own`` adds the mask if own < peer, subtracts it otherwise."""
+    return own < peer, mask_vector(seed, Purpose.PAIRWISE_MASK, context, length, bits)
+
+
+def _self_mask(seed: bytes, context: bytes, node: int, length: int, bits: int) -> np.ndarray:
+    return mask_vector(seed, Purpose.SELF_MASK, context + struct.pack("<Q", node), length, bits)
+
+
+def _aad(run_id: bytes, round_number: int, sender: int, recipient: int) -> bytes:
+    return (
+        b"fedmpt-secagg/v1/share|"
+        + round_context(run_id, round_number)
+        + struct.pack("<QQ", sender, recipient)
+    )
+
+
+# --------------------------------------------------------------------------------------------------- client
+
+
+class ClientStage(enum.Enum):
+    """Where a client is in the round; each client function requires one stage and moves to the next."""
+
+    NEW = "new"
+    ADVERTISED = "advertised"
+    SHARED = "shared"
+    MASKED = "masked"
+    DONE = "done"
+
+
+@dataclass
+class ClientState:
+    """Everything one client keeps between the stages of one round. ``repr`` shows no secret.
+
+    Build one per round with :meth:`create`. ``last_round`` (optional) makes the client refuse a round number
+    it has already taken part in, so a whole recorded round cannot be replayed to it.
+    """
+
+    config: MaskingConfig
+    identity: Identity = field(repr=False)
+    roster: Roster = field(repr=False)
+    last_round: int | None = None
+    expected_run_id: bytes | None = None
+    stage: ClientStage = ClientStage.NEW
+    run_id: bytes = b""
+    round_number: int = -1
+    participants: tuple[int, ...] = ()
+    neighbours: frozenset[int] = frozenset()
+    vector_length: int = 0
+    c_keys: RoundKeyPair | None = field(default=None, repr=False)
+    s_keys: RoundKeyPair | None = field(default=None, repr=False)
+    self_mask_seed: bytes = field(default=b"", repr=False)
+    peer_bundles: dict[int, wire.KeyBundle] = field(default_factory=dict, repr=False)
+    held_shares: dict[int, tuple[Share, Share]] = field(default_factory=dict, repr=False)
+    revealed: dict[int, RevealKind] = field(default_factory=dict)
+    guard: wire.ReplayGuard = field(default_factory=wire.ReplayGuard, repr=False)
+
+    @classmethod
+    def create(
+        cls,
+        config: MaskingConfig,
+        identity: Identity,
+        roster: Roster,
+        *,
+        last_round: int | None = None,
+        expected_run_id: bytes | None = None,
+    ) -> ClientState:
+        """State for one new round of the client ``identity.node_id``; the roster must list that node."""
+        if identity.node_id not in roster:
+            raise ConfigError(f"node {identity.node_id} is not in the roster it was given")
+        if public_key_of(roster, identity.node_id) != identity.public:
+            raise ConfigError(f"roster key of node {identity.node_id} does not match its identity key")
+        return cls(config, identity, roster, last_round=last_round, expected_run_id=expected_run_id)
+
+    @property
+    def node_id(self) -> int:
+        """This client's node id."""
+        return self.identity.node_id
+
+    def _require(self, stage: ClientStage, action: str) -> None:
+        if self.stage is not stage:
+            raise ProtocolError(
+                f"node {self.node_id}: {action} needs stage {stage.value}, client is at {self.stage.value}"
+            )
+
+    def _open(self, data: bytes, kind: Kind) -> wire.Envelope:
+        env = wire.unpack(
+            data,
+            kind=kind,
+            run_id=self.run_id,
+            round_number=self.round_number,
+            recipient=self.node_id,
+            sender=SERVER_ID,
+        )
+        self.guard.accept(env)
+        return env
+
+    def _pack(self, kind: Kind, payload: bytes) -> bytes:
+        return wire.pack(kind, self.run_id, self.round_number, self.node_id, SERVER_ID, payload)
+
+
+def public_key_of(roster: Roster, node_id: int) -> bytes:
+    """Raw Ed25519 public key the roster holds for ``node_id``."""
+    from secagg.keys import public_bytes
+
+    return public_bytes(roster[node_id])
+
+
+def advertise_keys(state: ClientState, request: bytes) -> bytes:
+    """Stage 1 (client): check the round setup, draw fresh X25519 pairs (c, s) and return them signed.
+
+    The client refuses a setup whose threshold, neighbourhood size or modulus differ from its own config (a
+    server cannot lower t), which does not list it, lists fewer than t nodes, or would overflow the modulus.
+    """
+    state._require(ClientStage.NEW, "advertise_keys")
+    env = wire.unpack(
+        request,
+        kind=Kind.ADVERTISE_REQUEST,
+        run_id=None,
+        round_number=None,
+        recipient=state.node_id,
+        sender=SERVER_ID,
+    )
+    cfg = state.config
+    if state.expected_run_id is not None and env.run_id != state.expected_run_id:
+        raise MessageRejected(
+            f"ADVERTISE_REQUEST for run {env.run_id.hex()}, node expects run {state.expected_run_id.hex()}"
+        )
+    if state.last_round is not None and env.round_number <= state.last_round:
+        raise MessageRejected(
+            f"ADVERTISE_REQUEST for round {env.round_number}, node already took part in round "
+            f"{state.last_round} (replayed round)"
+        )
+    req = wire.decode_advertise_request(env.payload)
+    want_k = 0 if cfg.neighbourhood_size is None else cfg.neighbourhood_size
+    if (req.threshold, req.neighbourhood_size, req.modulus_bits) != (cfg.threshold, want_k, cfg.modulus_bits):
+        raise MessageRejected(
+            f"ADVERTISE_REQUEST parameters (t={req.threshold}, k={req.neighbourhood_size}, "
+            f"bits={req.modulus_bits}) "
+            f"differ from this node's config (t={cfg.threshold}, k={want_k}, bits={cfg.modulus_bits})"
+        )
+    if state.node_id not in req.participants:
+        raise MessageRejected(f"ADVERTISE_REQUEST does not list node {state.node_id} as a participant")
+    if len(req.participants) < cfg.threshold:
+        raise ThresholdNotMet(f"{len(req.participants)} participants, threshold is {cfg.threshold}")
+    if not 0 < req.vector_length <= MAX_VECTOR_LENGTH:
+        raise MessageRejected(
+            f"ADVERTISE_REQUEST vector length {req.vector_length} outside [1, {MAX_VECTOR_LENGTH}]"
+        )
+    check_capacity(cfg, len(req.participants))
+    state.run_id, state.round_number = env.run_id, env.round_number
+    state.guard.accept(env)
+    state.participants = req.participants
+    state.vector_length = req.vector_length
+    state.neighbours = neighbour_graph(req.participants, cfg.neighbourhood_size, req.graph_seed)[
+        state.node_id
+    ]
+    state.c_keys, state.s_keys = RoundKeyPair.generate(), RoundKeyPair.generate()
+    transcript = advertise_transcript(
+        state.run_id, state.round_number, state.node_id, state.c_keys.public, state.s_keys.public
+    )
+    bundle = wire.KeyBundle(state.c_keys.public, state.s_keys.public, state.identity.sign(transcript))
+    state.stage = ClientStage.ADVERTISED
+    return state._pack(Kind.ADVERTISE_KEYS, wire.encode_key_bundle(bundle))
+
+
+def share_keys(state: ClientState, request: bytes) -> bytes:
+    """Stage 2 (client): verify neighbours' signed keys, Shamir-share b_u and s_sk_u, encrypt one share per
+    peer.
+
+    Every forwarded bundle must come from a graph neighbour and carry a valid Ed25519 signature by the
+    roster key of that node over (run id, round, node id, c_pk, s_pk); otherwise
+    :class:`~secagg.errors.SignatureInvalid`. Shares are encrypted with ChaCha20-Poly1305 under
+    HKDF(X25519(c_sk_u, c_pk_v)) for the ordered pair (u, v), with the run, round and both ids as associated
+    data.
+    """
+    state._require(ClientStage.ADVERTISED, "share_keys")
+    env = state._open(request, Kind.SHARE_KEYS_REQUEST)
+    bundles = wire.decode_share_keys_request(env.payload)
+    strangers = sorted(set(bundles) - state.neighbours)
+    if strangers:
+        raise MessageRejected(f"SHARE_KEYS_REQUEST to node {state.node_id} lists non-neighbours {strangers}")
+    for v, b in bundles.items():
+        state.roster.verify(
+            v, advertise_transcript(state.run_id, state.round_number, v, b.c_public, b.s_public), b.signature
+        )
+    if len(bundles) + 1 < state.config.threshold:
+        raise ThresholdNotMet(
+            f"node {state.node_id}: {len(bundles)} neighbours advertised keys, so {len(bundles) + 1} share "
+            f"holders; threshold is {state.config.threshold}"
+        )
+    assert state.c_keys is not None and state.s_keys is not None  # set by advertise_keys (internal invariant)
+    state.peer_bundles = bundles
+    state.self_mask_seed = fresh_seed()
+    holders = sorted({*bundles, state.node_id})  # u keeps one share of its own secrets (Bonawitz et al.)
+    seed_shares = split(state.self_mask_seed, state.config.threshold, holders)
+    key_shares = split(x25519_private_bytes(state.s_keys.private), state.config.threshold, holders)
+    state.held_shares = {state.node_id: (seed_shares[state.node_id], key_shares[state.node_id])}
+    ciphertexts: dict[int, bytes] = {}
+    for v in sorted(bundles):
+        plaintext = (
+            struct.pack("<QQ", state.node_id, v) + encode_share(seed_shares[v]) + encode_share(key_shares[v])
+        )
+        key = share_encryption_key(
+            state.c_keys.private, bundles[v].c_public, state.run_id, state.round_number, state.node_id, v
+        )
+        ciphertexts[v] = ChaCha20Poly1305(key).encrypt(
+            _ZERO_NONCE, plaintext, _aad(state.run_id, state.round_number, state.node_id, v)
+        )
+    state.stage = ClientStage.SHARED
+    return state._pack(Kind.SHARE_KEYS, wire.encode_ciphertexts(ciphertexts))
+
+
+def masked_input(state: ClientState, request: bytes, update: np.ndarray, weight: int = 1) -> bytes:
+    """Stage 3 (client): store the peers' shares and return y_u = e_u + PRG(b_u) + sum_v +-PRG(s_uv) mod 2**b.
+
+    ``update`` is the flat float vector (shape (d,)) and ``weight`` the integer sample count of this client;
+    both are encoded with :func:`secagg.encoding.encode`. The pairwise masks are formed exactly with the peers
+    whose shares arrived (U2 seen from u); fewer than t such peers abort the round on this client.
+    """
+    state._require(ClientStage.SHARED, "masked_input")
+    env = state._open(request, Kind.MASKED_INPUT_REQUEST)
+    cts = wire.decode_ciphertexts(env.payload, "MASKED_INPUT_REQUEST")
+    x = np.asarray(update)
+    if x.ndim != 1 or x.size != state.vector_length:
+        raise ConfigError(
+            f"node {state.node_id}: update has shape {x.shape}, the round expects ({state.vector_length},)"
+        )
+    assert state.c_keys is not None and state.s_keys is not None  # set by advertise_keys
+    held: dict[int, tuple[Share, Share]] = dict(state.held_shares)  # own shares, kept at share_keys
+    for v, ct in cts.items():
+        if v not in state.peer_bundles:
+            raise MessageRejected(
+                f"MASKED_INPUT_REQUEST: node {v} sent shares but never advertised to {state.node_id}"
+            )
+        key = share_encryption_key(
+            state.c_keys.private,
+            state.peer_bundles[v].c_public,
+            state.run_id,
+            state.round_number,
+            v,
+            state.node_id,
+        )
+        try:
+            pt = ChaCha20Poly1305(key).decrypt(
+                _ZERO_NONCE, ct, _aad(state.run_id, state.round_number, v, state.node_id)
+            )
+        except InvalidTag:
+            raise MessageRejected(
+                f"share ciphertext from node {v} to {state.node_id} fails authentication"
+            ) from None
+        sender, recipient = struct.unpack_from("<QQ", pt)
+        if (sender, recipient) != (v, state.node_id):
+            raise MessageRejected(f"share from {v} is labelled ({sender} -> {recipient})")
+        seed_share = decode_share(pt[16 : 16 + wire.SHARE_BYTES], wire.SECRET_BYTES)
+        key_share = decode_share(pt[16 + wire.SHARE_BYTES :], wire.SECRET_BYTES)
+        if seed_share.holder != state.node_id or key_share.holder != state.node_id:
+            raise MessageRejected(f"share from {v} is for holder {seed_share.holder}, not {state.node_id}")
+        held[v] = (seed_share, key_share)
+    if len(held) < state.config.threshold:
+        raise ThresholdNotMet(
+            f"node {state.node_id}: {len(held)} share holders (self included), "
+            f"threshold is {state.config.threshold}"
+        )
+    state.held_shares = held
+    bits, length = state.config.modulus_bits, state.vector_length + 1
+    ctx = round_context(state.run_id, state.round_number)
+    y = encode(x, weight, state.config)  # (d+1,)
+    y += _self_mask(state.self_mask_seed, ctx, state.node_id, length, bits)
+    for v in sorted(set(held) - {state.node_id}):
+        seed = pairwise_seed(
+            state.s_keys.private,
+            state.peer_bundles[v].s_public,
+            state.run_id,
+            state.round_number,
+            state.node_id,
+            v,
+        )
+        add, mask = _pair_sign_mask(state.node_id, v, seed, ctx, length, bits)
+        if add:
+            y += mask
+        else:
+            y -= mask
+    state.stage = ClientStage.MASKED
+    return state._pack(Kind.MASKED_INPUT, wire.encode_masked_input(y, bits))
+
+
+def unmask(state: ClientState, request: bytes) -> bytes:
+    """Stage 4 (client): reveal b_v shares for surviving peers and s_sk_v shares for dropped peers, never
+    both.
+
+    The survivor list must include this node and hold at least t nodes. A peer the client has already revealed
+    one kind of share for can never get the other kind (the guard behind the late-client argument).
+    """
+    state._require(ClientStage.MASKED, "unmask")
+    env = state._open(request, Kind.UNMASK_REQUEST)
+    survivors = frozenset(wire.decode_unmask_request(env.payload))
+    if state.node_id not in survivors:
+        raise MessageRejected(f"UNMASK_REQUEST to node {state.node_id} does not list it as a survivor")
+    unknown = sorted(survivors - set(state.participants))
+    if unknown:
+        raise MessageRejected(f"UNMASK_REQUEST lists non-participants {unknown}")
+    if len(survivors) < state.config.threshold:
+        raise ThresholdNotMet(f"{len(survivors)} survivors, threshold is {state.config.threshold}")
+    entries: list[tuple[int, RevealKind, bytes]] = []
+    for v in sorted(state.held_shares):
+        kind = RevealKind.SELF_MASK_SEED if v in survivors else RevealKind.MASK_SECRET_KEY
+        previous = state.revealed.get(v)
+        if previous is not None and previous is not kind:
+            raise ProtocolError(f"node {state.node_id} refuses to reveal both shares of node {v}")
+        state.revealed[v] = kind
+        seed_share, key_share = state.held_shares[v]
+        entries.append(
+            (v, kind, encode_share(seed_share if kind is RevealKind.SELF_MASK_SEED else key_share))
+        )
+    state.stage = ClientStage.DONE
+    return state._pack(Kind.UNMASK, wire.encode_unmask(entries))
+
+
+# --------------------------------------------------------------------------------------------------- server
+
+
+class ServerStage(enum.Enum):
+    """Where the server is in the round."""
+
+    ADVERTISE = "advertise"
+    SHARE_KEYS = "share-keys"
+    MASKED_INPUT = "masked-input"
+    UNMASK = "unmask"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """Outcome of a successful round.
+
+    Attributes:
+        mean: weighted mean sum_u w_u x_u / sum_u w_u over the survivors, shape (d,).
+        total_weight: sum_u w_u over the survivors.
+        survivors: U3, the nodes whose inputs are in the sum.
+        dropped: nodes that joined (advertised keys) but are not in the sum.
+        error_bound: worst-case |mean - exact weighted mean of the clipped inputs| per coordinate.
+    """
+
+    mean: np.ndarray
+    total_weight: int
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+    error_bound: float
+
+
+@dataclass
+class ServerState:
+    """The server's view of one round. Holds only public keys, ciphertexts it cannot open and masked
+    vectors."""
+
+    config: MaskingConfig
+    run_id: bytes
+    round_number: int
+    participants: tuple[int, ...]
+    graph: dict[int, frozenset[int]]
+    vector_length: int
+    roster: Roster | None = field(default=None, repr=False)
+    stage: ServerStage = ServerStage.ADVERTISE
+    bundles: dict[int, wire.KeyBundle] = field(default_factory=dict, repr=False)
+    ciphertexts: dict[int, dict[int, bytes]] = field(default_factory=dict, repr=False)
+    partners: dict[int, frozenset[int]] = field(default_factory=dict, repr=False)
+    total: np.ndarray | None = field(default=None, repr=False)
+    survivors: tuple[int, ...] = ()
+    rejected: dict[int, str] = field(default_factory=dict)
+    failure: str | None = None
+    guard: wire.ReplayGuard = field(default_factory=wire.ReplayGuard, repr=False)
+
+    def _require(self, stage: ServerStage, action: str) -> None:
+        if self.stage is ServerStage.FAILED:
+            raise ProtocolError(
+                f"round {self.round_number} already failed ({self.failure}); {action} refused"
+            )
+        if self.stage is not stage:
+            raise ProtocolError(f"{action} needs server stage {stage.value}, server is at {self.stage.value}")
+
+    def _fail(self, reason: str) -> ThresholdNotMet:
+        self.stage, self.failure = ServerStage.FAILED, reason
+        logger.error("secure aggregation round %d failed, nothing is applied: %s", self.round_number, reason)
+        return ThresholdNotMet(f"round {self.round_number}: {reason}")
+
+    def _receive(
+        self, node: int, data: bytes, kind: Kind, allowed: set[int] | frozenset[int]
+    ) -> wire.Envelope | None:
+        """Open one reply; a bad or unexpected one is recorded in ``rejected`` and its sender treated as
+        dropped."""
+        try:
+            if node not in allowed:
+                raise MessageRejected(f"{kind.name} from node {node}, which is not expected at this stage")
+            env = wire.unpack(
+                data,
+                kind=kind,
+                run_id=self.run_id,
+                round_number=self.round_number,
+                recipient=SERVER_ID,
+                sender=node,
+            )
+            self.guard.accept(env)
+        except MessageRejected as err:
+            self.rejected[node] = str(err)
+            logger.warning("rejected a %s reply from node %d: %s", kind.name, node, err)
+            return None
+        return env
+
+    def _pack(self, kind: Kind, recipient: int, payload: bytes) -> bytes:
+        return wire.pack(kind, self.run_id, self.round_number, SERVER_ID, recipient, payload)
+
+
+def server_start_round(
+    config: MaskingConfig,
+    participants: Sequence[int],
+    vector_length: int,
+    round_number: int,
+    *,
+    run_id: bytes | None = None,
+    graph_seed: bytes | None = None,
+    roster: Roster | None = None,
+) -> tuple[ServerState, dict[int, bytes]]:
+    """Stage 0 (server): fix the participants, draw the graph seed and send ADVERTISE_REQUEST to each.
+
+    ``vector_length`` is d, the number of model coordinates (one weight coordinate is added on the wire).
+    ``roster`` lets an honest server drop clients whose bundles are not validly signed (clients check anyway).
+    """
+    nodes = tuple(sorted(participants))
+    for u in nodes:
+        check_node_id(u)
+    if len(set(nodes)) != len(nodes):
+        raise ConfigError(f"participants must be distinct, got {list(participants)}")
+    if len(nodes) < config.threshold:
+        raise ThresholdNotMet(f"{len(nodes)} participants, threshold is {config.threshold}")
+    if not 0 < vector_length <= MAX_VECTOR_LENGTH:
+        raise ConfigError(f"vector_length must be in [1, {MAX_VECTOR_LENGTH}], got {vector_length}")
+    if round_number < 0:
+        raise ConfigError(f"round_number must be >= 0, got {round_number}")
+    check_capacity(config, len(nodes))
+    k = config.neighbourhood_size
+    if k is not None and k < len(nodes) - 1 and 2 * config.threshold <= k:
+        logger.warning(
+            "threshold %d <= neighbourhood_size/2 = %d: secure only against an honest-but-curious server",
+            config.threshold,
+            k // 2,
+        )
+    run_id = os.urandom(16) if run_id is None else run_id
+    graph_seed = os.urandom(32) if graph_seed is None else graph_seed
+    graph = neighbour_graph(nodes, k, graph_seed)
+    state = ServerState(config, run_id, round_number, nodes, graph, vector_length, roster=roster)
+    req = wire.AdvertiseRequest(
+        nodes, graph_seed, vector_length, config.threshold, 0 if k is None else k, config.modulus_bits
+    )
+    payload = wire.encode_advertise_request(req)
+    return state, {u: state._pack(Kind.ADVERTISE_REQUEST, u, payload) for u in nodes}
+
+
+def _prune(active: set[int], links: Mapping[int, frozenset[int] | set[int]], threshold: int) -> set[int]:
+    """Drop nodes with fewer than ``threshold`` active partners until none is left with too few."""
+    active = set(active)
+    changed = True
+    while changed:
+        changed = False
+        for u in sorted(active):
+            if len(set(links[u]) & active) < threshold:
+                active.discard(u)
+                changed = True
+    return active
+
+
+def server_collect_advertisements(state: ServerState, replies: Mapping[int, bytes]) -> dict[int, bytes]:
+    """Stage 1 (server): accept signed key bundles (U1) and send each node its neighbours' bundles."""
+    state._require(ServerStage.ADVERTISE, "server_collect_advertisements")
+    for node, data in replies.items():
+        env = state._receive(node, data, Kind.ADVERTISE_KEYS, set(state.participants))
+        if env is None:
+            continue
+        try:
+            bundle = wire.decode_key_bundle(env.payload)
+            if state.roster is not None:
+                state.roster.verify(
+                    node,
+                    advertise_transcript(
+                        state.run_id, state.round_number, node, bundle.c_public, bundle.s_public
+                    ),
+                    bundle.signature,
+                )
+        except MessageRejected as err:
+            state.rejected[node] = str(err)
+            continue
+        state.bundles[node] = bundle
+    # Each node's secrets are shared among itself and its live neighbours: it needs >= t - 1 of them.
+    u1 = _prune(set(state.bundles), state.graph, state.config.threshold - 1)
+    state.bundles = {u: state.bundles[u] for u in sorted(u1)}
+    if len(u1) < state.config.threshold:
+        raise state._fail(
+            f"{len(u1)} clients advertised keys with >= t live neighbours, threshold is "
+            f"{state.config.threshold}"
+        )
+    state.stage = ServerStage.SHARE_KEYS
+    out = {}
+    for u in sorted(u1):
+        peers = {v: state.bundles[v] for v in state.graph[u] & u1}
+        out[u] = state._pack(Kind.SHARE_KEYS_REQUEST, u, wire.encode_share_keys_request(peers))
+    return out
+
+
+def server_collect_shares(state: ServerState, replies: Mapping[int, bytes]) -> dict[int, bytes]:
+    """Stage 2 (server): accept each node's encrypted shares (U2) and forward them to their recipients."""
+    state._require(ServerStage.SHARE_KEYS, "server_collect_shares")
+    u1 = set(state.bundles)
+    for node, data in replies.items():
+        env = state._receive(node, data, Kind.SHARE_KEYS, u1)
+        if env is None:
+            continue
+        try:
+            cts = wire.decode_ciphertexts(env.payload, "SHARE_KEYS")
+            expected = set(state.graph[node] & u1)
+            if set(cts) != expected:
+                raise MessageRejected(
+                    f"SHARE_KEYS from {node} addresses {sorted(cts)}, expected {sorted(expected)}"
+                )
+        except MessageRejected as err:
+            state.rejected[node] = str(err)
+            continue
+        state.ciphertexts[node] = cts
+    links = {
+        u: frozenset(v for v in state.ciphertexts if u in state.ciphertexts[v]) for u in state.ciphertexts
+    }
+    u2 = _prune(set(state.ciphertexts), links, state.config.threshold - 1)
+    if len(u2) < state.config.threshold:
+        raise state._fail(f"{len(u2)} clients shared keys, threshold is {state.config.threshold}")
+    state.ciphertexts = {u: state.ciphertexts[u] for u in sorted(u2)}
+    state.partners = {u: frozenset(links[u] & u2) for u in sorted(u2)}
+    state.stage = ServerStage.MASKED_INPUT
+    out = {}
+    for u in sorted(u2):
+        incoming = {v: state.ciphertexts[v][u] for v in state.partners[u]}
+        out[u] = state._pack(Kind.MASKED_INPUT_REQUEST, u, wire.encode_ciphertexts(incoming))
+    return out
+
+
+def server_collect_masked_inputs(state: ServerState, replies: Mapping[int, bytes]) -> dict[int, bytes]:
+    """Stage 3 (server): add the masked vectors (U3) modulo 2**b and send every survivor the survivor list."""
+    state._require(ServerStage.MASKED_INPUT, "server_collect_masked_inputs")
+    bits, length = state.config.modulus_bits, state.vector_length + 1
+    total: np.ndarray = np.zeros(length, dtype=np.uint32 if bits == 32 else np.uint64)
+    survivors: list[int] = []
+    for node in sorted(replies):
+        env = state._receive(node, replies[node], Kind.MASKED_INPUT, set(state.partners))
+        if env is None:
+            continue
+        try:
+            y = wire.decode_masked_input(env.payload, length, bits)
+        except MessageRejected as err:
+            state.rejected[node] = str(err)
+            continue
+        total += y
+        survivors.append(node)
+    if len(survivors) < state.config.threshold:
+        raise state._fail(f"{len(survivors)} masked inputs arrived, threshold is {state.config.threshold}")
+    state.total, state.survivors = total, tuple(survivors)
+    state.stage = ServerStage.UNMASK
+    payload = wire.encode_unmask_request(state.survivors)
+    return {u: state._pack(Kind.UNMASK_REQUEST, u, payload) for u in state.survivors}
+
+
+def server_unmask(state: ServerState, replies: Mapping[int, bytes]) -> AggregateResult:
+    """Stage 4 (server): reconstruct the secrets, strip every mask and decode the survivors' weighted mean.
+
+    For a survivor v the server rebuilds b_v and subtracts PRG(b_v); for a node v that shared keys but sent no
+    masked input it rebuilds s_sk_v (checked against the advertised s_pk_v) and removes the pairwise masks the
+    survivors formed with v. Each secret needs t consistent shares, else the round fails (ThresholdNotMet) and
+    nothing is returned.
+    """
+    state._require(ServerStage.UNMASK, "server_unmask")
+    assert state.total is not None  # set by server_collect_masked_inputs
+    survivors = set(state.survivors)
+    dropped = set(state.partners) - survivors
+    shares: dict[tuple[int, RevealKind], list[Share]] = {}
+    for node in sorted(replies):
+        env = state._receive(node, replies[node], Kind.UNMASK, survivors)
+        if env is None:
+            continue
+        try:
+            entries = wire.decode_unmask(env.payload)
+            parsed = []
+            for owner, kind, raw in entries:
+                if owner != node and owner not in state.partners[node]:
+                    raise MessageRejected(
+                        f"UNMASK from {node} has a share of {owner}, which it does not hold"
+                    )
+                want = RevealKind.SELF_MASK_SEED if owner in survivors else RevealKind.MASK_SECRET_KEY
+                if kind is not want:
+                    raise MessageRejected(
+                        f"UNMASK from {node} reveals {kind.name} of {owner}, expected {want.name}"
+                    )
+                share = decode_share(raw, wire.SECRET_BYTES)
+                if share.holder != node:
+                    raise MessageRejected(f"UNMASK from {node} carries a share held by {share.holder}")
+                parsed.append((owner, kind, share))
+        except MessageRejected as err:
+            state.rejected[node] = str(err)
+            continue
+        for owner, kind, share in parsed:
+            shares.setdefault((owner, kind), []).append(share)
+    t, bits, length = state.config.threshold, state.config.modulus_bits, state.vector_length + 1
+    ctx = round_context(state.run_id, state.round_number)
+    total: np.ndarray = state.total.copy()
+    try:
+        for v in sorted(survivors):
+            seed = reconstruct(shares.get((v, RevealKind.SELF_MASK_SEED), []), t, wire.SECRET_BYTES)
+            total -= _self_mask(seed, ctx, v, length, bits)
+        for v in sorted(dropped):
+            raw_key = reconstruct(shares.get((v, RevealKind.MASK_SECRET_KEY), []), t, wire.SECRET_BYTES)
+            private = x25519_from_private_bytes(raw_key)
+            from secagg.keys import public_bytes
+
+            if public_bytes(private.public_key()) != state.bundles[v].s_public:
+                raise MessageRejected(f"reconstructed mask key of dropped node {v} does not match its s_pk")
+            for u in sorted(state.partners[v] & survivors):
+                seed = pairwise_seed(
+                    private, state.bundles[u].s_public, state.run_id, state.round_number, v, u
+                )
+                add, mask = _pair_sign_mask(u, v, seed, ctx, length, bits)
+                if add:
+                    total -= mask
+                else:
+                    total += mask
+    except ThresholdNotMet as err:
+        raise state._fail(f"cannot unmask: {err}") from None
+    except MessageRejected as err:
+        state.stage, state.failure = ServerStage.FAILED, str(err)
+        logger.error("secure aggregation round %d failed, nothing is applied: %s", state.round_number, err)
+        raise
+    mean, total_weight = decode_sum(total, state.config, len(survivors))
+    state.stage = ServerStage.DONE
+    all_joined = set(state.bundles)
+    return AggregateResult(
+        mean=mean,
+        total_weight=total_weight,
+        survivors=state.survivors,
+        dropped=tuple(sorted(all_joined - survivors)),
+        error_bound=quantization_error_bound(state.config, len(survivors), total_weight),
+    )
