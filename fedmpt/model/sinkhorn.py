@@ -134,6 +134,7 @@ def _check_inputs(cost: Tensor, a: Tensor, b: Tensor) -> None:
 
 def _check_values(cost: Tensor, a: Tensor, b: Tensor) -> None:
     """Raise on non-finite costs, negative masses or unequal total masses."""
+    cost, a, b = cost.detach(), a.detach(), b.detach()
     if not bool(torch.isfinite(cost).all()):
         raise ValueError("sinkhorn_log: cost contains NaN or infinite entries")
     for name, marginal in (("a", a), ("b", b)):
