@@ -23,14 +23,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from fedmpt.errors import ConfigError
+from fedmpt.data.labels import NEGATIVE, POSITIVE, UNKNOWN, validate_label_matrix
+from fedmpt.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
-
-# Label values; identical to ``fedmpt.data.labels`` (kept local so that this module has no data dependency).
-POSITIVE = 1
-NEGATIVE = 0
-UNKNOWN = -1
 
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_TOP_K = 3
@@ -39,19 +35,14 @@ OPTIMISTIC_THRESHOLD_GRID: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.
 
 
 def _validated_labels(labels: ArrayLike, shape: tuple[int, ...]) -> NDArray[np.int8]:
-    """Return ``labels`` as int8 after checking shape and values; ``ValueError`` names any defect."""
-    label_array = np.asarray(labels)
+    """Return ``labels`` as an int8 matrix of ``shape`` with entries in {-1, 0, 1}.
+
+    Raises ``DatasetError`` (from :func:`fedmpt.data.labels.validate_label_matrix`) naming the bad entry.
+    """
+    label_array = validate_label_matrix(labels, shape[1], source="metric labels")
     if label_array.shape != shape:
-        raise ValueError(f"labels shape {label_array.shape} differs from the score/prediction shape {shape}")
-    if not np.issubdtype(label_array.dtype, np.integer):
-        raise ValueError(f"labels must be an integer matrix, got dtype {label_array.dtype}")
-    invalid = ~np.isin(label_array, (POSITIVE, NEGATIVE, UNKNOWN))
-    if np.any(invalid):
-        bad = tuple(int(i) for i in np.argwhere(invalid)[0])
-        raise ValueError(
-            f"labels must hold only POSITIVE=1, NEGATIVE=0, UNKNOWN=-1; labels{bad} = {label_array[bad]}"
-        )
-    return label_array.astype(np.int8, copy=False)
+        raise DatasetError(f"metric labels: shape {label_array.shape} differs from the score shape {shape}")
+    return label_array
 
 
 def _validated(scores: ArrayLike, labels: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.int8]]:

@@ -19,14 +19,10 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from sklearn.cluster import KMeans
 
-from fedmpt.errors import ConfigError
+from fedmpt.data.labels import NEGATIVE, POSITIVE, UNKNOWN, validate_label_matrix
+from fedmpt.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
-
-# Label values; identical to ``fedmpt.data.labels``.
-POSITIVE = 1
-NEGATIVE = 0
-UNKNOWN = -1
 
 DEFAULT_KMEANS_N_INIT = 10
 DEFAULT_DIRICHLET_MAX_TRIES = 100
@@ -58,19 +54,17 @@ def _rng(seed: int, stream: _Stream, *extra: int) -> np.random.Generator:
 
 
 def _check_labels(labels: ArrayLike) -> NDArray[np.int8]:
-    """Return ``labels`` as an int8 ``(n_images, n_classes)`` matrix with entries in {-1, 0, 1}."""
+    """Return ``labels`` as a read-only int8 ``(n_images, n_classes)`` matrix with entries in {-1, 0, 1}.
+
+    Raises ``DatasetError`` naming the bad shape or entry (via
+    :func:`fedmpt.data.labels.validate_label_matrix`).
+    """
     array = np.asarray(labels)
     if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(
-            f"labels must be a non-empty 2-D (n_images, n_classes) matrix, got shape {array.shape}"
+        raise DatasetError(
+            f"partition labels must be a non-empty 2-D (n_images, n_classes) matrix, got shape {array.shape}"
         )
-    if not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"labels must be an integer matrix, got dtype {array.dtype}")
-    invalid = ~np.isin(array, (POSITIVE, NEGATIVE, UNKNOWN))
-    if invalid.any():
-        row, col = (int(v) for v in np.argwhere(invalid)[0])
-        raise ValueError(f"labels[{row}, {col}] = {array[row, col]} is not one of -1, 0, 1")
-    return array.astype(np.int8, copy=False)
+    return validate_label_matrix(array, array.shape[1], source="partition labels")
 
 
 def _check_num_clients(num_clients: int, num_samples: int) -> None:
@@ -180,8 +174,8 @@ class Partition:
         """Per-client sizes and, for each class, the fraction of the client's images labelled POSITIVE."""
         label_array = _check_labels(labels)
         if label_array.shape[0] != self.num_samples:
-            raise ValueError(
-                f"labels have {label_array.shape[0]} rows but the partition has {self.num_samples}"
+            raise DatasetError(
+                f"partition labels have {label_array.shape[0]} rows but the partition has {self.num_samples}"
             )
         frequency = np.zeros((self.num_clients, label_array.shape[1]), dtype=np.float64)
         for k, indices in enumerate(self.client_indices):
@@ -234,8 +228,9 @@ class LabelClusterModel:
         """
         features = label_cluster_features(labels)
         if features.shape[1] != self.num_classes:
-            raise ValueError(
-                f"labels have {features.shape[1]} classes, the clustering was fitted on {self.num_classes}"
+            raise DatasetError(
+                f"labels to assign have {features.shape[1]} classes, the clustering was fitted on "
+                f"{self.num_classes}"
             )
         partition = Partition.from_assignment(
             self.kmeans.predict(features).astype(np.int64), self.num_clients

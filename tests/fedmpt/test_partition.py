@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmpt.errors import ConfigError
+from fedmpt.errors import ConfigError, DatasetError
 from fedmpt.partition import (
     MaskMode,
     Partition,
@@ -137,7 +137,7 @@ def test_label_clusters_reject_bad_num_clients(num_clients: int) -> None:
 
 def test_label_clusters_reject_wrong_class_count_on_assign() -> None:
     model = fit_label_clusters(random_labels(30, 4, seed=0), 2, seed=0)
-    with pytest.raises(ValueError, match="5 classes"):
+    with pytest.raises(DatasetError, match="5 classes"):
         model.assign(random_labels(3, 5, seed=1))
 
 
