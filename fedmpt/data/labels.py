@@ -27,8 +27,9 @@ __all__ = ["LABEL_DTYPE", "NEGATIVE", "POSITIVE", "UNKNOWN", "validate_label_mat
 def validate_label_matrix(labels: npt.ArrayLike, n_classes: int, *, source: str) -> npt.NDArray[np.int8]:
     """Return ``labels`` as a read-only ``(n_images, n_classes)`` int8 matrix with entries in {-1, 0, 1}.
 
-    The input is copied (so later mutation of the caller's array cannot change a dataset) and the copy is
-    made read-only. ``source`` names where the labels came from and appears in every error message.
+    Any numeric dtype is accepted as long as every value is exactly -1, 0 or 1. The input is copied (so
+    later mutation of the caller's array cannot change a dataset) and the copy is made read-only.
+    ``source`` names where the labels came from and appears in every error message.
 
     Raises:
         DatasetError: the array is not 2-D, has the wrong number of columns, or holds a value outside
@@ -43,8 +44,8 @@ def validate_label_matrix(labels: npt.ArrayLike, n_classes: int, *, source: str)
         raise DatasetError(
             f"{source}: label matrix has {array.shape[1]} columns but there are {n_classes} classes"
         )
-    if array.size and not np.issubdtype(array.dtype, np.integer) and not np.issubdtype(array.dtype, np.bool_):
-        raise DatasetError(f"{source}: label matrix must hold integers, got dtype {array.dtype}")
+    if not (np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.bool_)):
+        raise DatasetError(f"{source}: label matrix must be numeric, got dtype {array.dtype}")
     bad = ~np.isin(array, (UNKNOWN, NEGATIVE, POSITIVE))
     if bad.any():
         row, col = (int(v) for v in np.argwhere(bad)[0])

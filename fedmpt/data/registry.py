@@ -66,9 +66,6 @@ def load_dataset(
     loader = DATASETS.get(name)
     if loader is None:
         raise ConfigError(f"unknown dataset {name!r}; known datasets: {sorted(DATASETS)}")
-    reserved = sorted(set(options) & set(_RESERVED))
-    if reserved:
-        raise ConfigError(f"options {reserved} for dataset {name!r} clash with load_dataset's own arguments")
     signature = inspect.signature(loader)
     try:
         signature.bind(Path(root), split, transform=transform, skip_unreadable=skip_unreadable, **options)
