@@ -1,4 +1,8 @@
-"""Tests of the log-domain Sinkhorn solver (POT as the oracle) and of the condition-guided transport scores."""
+"""Tests of the log-domain Sinkhorn solver (POT as the oracle) and of the condition-guided transport scores.
+
+Numerical expectations come from POT, NumPy or a separate autograd computation; the independence tests
+compare a problem solved inside a batch with the same problem solved alone.
+"""
 
 from __future__ import annotations
 
@@ -153,8 +157,12 @@ def test_float32_agrees_with_float64() -> None:
     rng = np.random.default_rng(7)
     cost, a, b = _random_problem(rng, 8, 5)
     config = SinkhornConfig(max_iter=2000, tol=1e-6, check_every=1)
-    single = sinkhorn_log(torch.tensor(cost, dtype=torch.float32), torch.tensor(a, dtype=torch.float32),
-                          torch.tensor(b, dtype=torch.float32), config)
+    single = sinkhorn_log(
+        torch.tensor(cost, dtype=torch.float32),
+        torch.tensor(a, dtype=torch.float32),
+        torch.tensor(b, dtype=torch.float32),
+        config,
+    )
     assert single.plan.dtype == torch.float32
     np.testing.assert_allclose(single.plan.numpy(), _pot_plan(cost, a, b, 0.1), atol=1e-5)
 
@@ -162,8 +170,12 @@ def test_float32_agrees_with_float64() -> None:
 def test_iteration_cap_reports_non_convergence() -> None:
     rng = np.random.default_rng(8)
     cost, a, b = _random_problem(rng, 6, 6)
-    result = sinkhorn_log(torch.tensor(cost), torch.tensor(a), torch.tensor(b),
-                          SinkhornConfig(epsilon=0.01, max_iter=2, tol=1e-9))
+    result = sinkhorn_log(
+        torch.tensor(cost),
+        torch.tensor(a),
+        torch.tensor(b),
+        SinkhornConfig(epsilon=0.01, max_iter=2, tol=1e-9),
+    )
     assert int(result.iterations) == 2
     assert not bool(result.converged)
     independent = float(np.abs(result.plan.numpy().sum(1) - a).sum())
@@ -205,7 +217,9 @@ def test_differentiable_plan_gradient_matches_finite_differences() -> None:
         (torch.rand(2, 2), torch.zeros(2), torch.zeros(2), "zero total mass"),
     ],
 )
-def test_invalid_problems_are_rejected(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, message: str) -> None:
+def test_invalid_problems_are_rejected(
+    cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, message: str
+) -> None:
     with pytest.raises(ValueError, match=message):
         sinkhorn_log(cost, a, b)
 
@@ -217,8 +231,15 @@ def test_integer_cost_is_rejected() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"epsilon": 0.0}, {"epsilon": math.inf}, {"max_iter": 0}, {"max_iter": 2.5}, {"tol": -1.0},
-     {"check_every": True}, {"fixed_iterations": 1}],
+    [
+        {"epsilon": 0.0},
+        {"epsilon": math.inf},
+        {"max_iter": 0},
+        {"max_iter": 2.5},
+        {"tol": -1.0},
+        {"check_every": True},
+        {"fixed_iterations": 1},
+    ],
 )
 def test_config_rejects_out_of_range_values(kwargs: dict[str, object]) -> None:
     name = next(iter(kwargs))
@@ -226,7 +247,7 @@ def test_config_rejects_out_of_range_values(kwargs: dict[str, object]) -> None:
         SinkhornConfig(**kwargs)  # type: ignore[arg-type]
 
 
-# --- ConditionTransport -----------------------------------------------------------------------------------------
+# --- ConditionTransport ---
 
 
 def _reference_transport(patches: np.ndarray, classes: np.ndarray, tau: float, eps: float) -> np.ndarray:
@@ -275,7 +296,9 @@ def test_per_sample_class_features_match_shared_ones() -> None:
 def test_scores_are_bounded_cosines(seed: int, patches: int, classes: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     module = ConditionTransport(sinkhorn=SinkhornConfig(epsilon=0.05))
-    out = module(torch.randn(2, 3, patches, 16, generator=gen) * 100, torch.randn(3, classes, 16, generator=gen))
+    out = module(
+        torch.randn(2, 3, patches, 16, generator=gen) * 100, torch.randn(3, classes, 16, generator=gen)
+    )
     assert out.scores.shape == (2, 3, classes)
     assert bool((out.scores.abs() <= 1.0 + 1e-5).all())
 
@@ -323,7 +346,9 @@ def test_per_sample_gradients_under_vmap_match_one_at_a_time() -> None:
         x = patches[i : i + 1].clone().requires_grad_(True)
         module.zero_grad()
         out = module(x, classes)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits[0], targets[i], reduction="sum")
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            out.logits[0], targets[i], reduction="sum"
+        )
         loss.backward()
         assert module.logit_bias.grad is not None and x.grad is not None
         torch.testing.assert_close(per_sample[0]["logit_bias"][i], module.logit_bias.grad)
@@ -355,14 +380,21 @@ def test_a_sample_does_not_depend_on_its_batch_neighbours() -> None:
         ((2, 2, 6, 4), (3, 2, 3, 4), "class_features batch 3"),
     ],
 )
-def test_transport_rejects_bad_shapes(patches: tuple[int, ...], classes: tuple[int, ...], message: str) -> None:
+def test_transport_rejects_bad_shapes(
+    patches: tuple[int, ...], classes: tuple[int, ...], message: str
+) -> None:
     with pytest.raises(ValueError, match=message):
         ConditionTransport()(torch.randn(patches), torch.randn(classes))
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"row_temperature": 0.0}, {"logit_scale": -1.0}, {"logit_bias_init": math.nan}, {"differentiable_plan": 1}],
+    [
+        {"row_temperature": 0.0},
+        {"logit_scale": -1.0},
+        {"logit_bias_init": math.nan},
+        {"differentiable_plan": 1},
+    ],
 )
 def test_transport_rejects_bad_settings(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
