@@ -180,6 +180,11 @@ def _validate_provenance(provenance: object, *, where: str) -> Mapping[str, Any]
     return types.MappingProxyType(copied)
 
 
+def _abbreviate(names: Sequence[str], limit: int = 10) -> str:
+    shown = repr(list(names[:limit]))
+    return shown if len(names) <= limit else f"{shown[:-1]}, ... and {len(names) - limit} more]"
+
+
 @dataclass(frozen=True)
 class ConditionSet:
     """An ordered set of abstract conditions, tied to the class list they were derived for.
@@ -243,9 +248,9 @@ class ConditionSet:
         extra = [n for n in self.classnames if n not in wanted]
         parts: list[str] = []
         if missing:
-            parts.append(f"classes missing from the file: {missing}")
+            parts.append(f"{len(missing)} classes missing from the file: {_abbreviate(missing)}")
         if extra:
-            parts.append(f"classes in the file but not expected: {extra}")
+            parts.append(f"{len(extra)} classes in the file but not expected: {_abbreviate(extra)}")
         if not parts:
             if len(expected) != len(self.classnames):
                 parts.append(f"{len(self.classnames)} names in the file vs {len(expected)} expected")
