@@ -55,6 +55,8 @@ def load_nuswide(
     word = _SPLIT_WORD[split]
     list_file = root / "ImageList" / f"{word}Imagelist.txt"
     lines = read_lines(list_file, "NUS-WIDE image list")
+    if not lines:
+        raise DatasetError(f"dataset 'nuswide': split {split!r} is empty ({list_file} lists no images)")
     label_dir = require_dir(root / "TrainTestLabels", "NUS-WIDE TrainTestLabels folder")
     known = set(NUSWIDE_CLASSES)
     for extra in sorted(label_dir.glob(f"Labels_*_{word}.txt")):
