@@ -133,18 +133,18 @@ def combination_weights(
 
 
 def _allocate(budget: int, capacities: Sequence[int]) -> list[int]:
-    """Split ``budget`` evenly over groups, each capped at its capacity, passing leftovers to the others."""
+    """Split ``budget`` evenly over groups, each capped at its capacity, passing leftovers to the others.
+
+    Water-filling: visit groups by increasing capacity; each takes ``min(capacity, remaining // groups_left)``,
+    so groups that are not capped end up within one of each other and the total is ``min(budget, sum(caps))``.
+    """
     alloc = [0] * len(capacities)
     remaining = budget
-    open_groups = [i for i, cap in enumerate(capacities) if cap > 0]
-    while remaining > 0 and open_groups:
-        share, extra = divmod(remaining, len(open_groups))
-        for rank, i in enumerate(list(open_groups)):
-            want = share + (1 if rank < extra else 0)
-            give = min(want, capacities[i] - alloc[i])
-            alloc[i] += give
-            remaining -= give
-        open_groups = [i for i in open_groups if alloc[i] < capacities[i]]
+    order = sorted(range(len(capacities)), key=lambda i: capacities[i])
+    for rank, i in enumerate(order):
+        give = min(capacities[i], remaining // (len(order) - rank))
+        alloc[i] = give
+        remaining -= give
     return alloc
 
 
