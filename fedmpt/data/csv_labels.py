@@ -14,7 +14,8 @@ unless ``csv_file`` names another file (relative to ``root``).
 Class list: from ``classnames_file`` (one name per line, in column order) or ``classnames`` when given, in
 which case a label outside it is an error; otherwise the sorted union of the labels in this CSV. Federated
 clients with different local label sets must NOT rely on the union (their columns would differ): pass the
-shared class list, and check with :func:`~fedmpt.data.dataset.check_same_classnames`.
+shared class list, and check with :func:`~fedmpt.data.dataset.check_same_classnames`. The dataset's
+``name`` (part of its fingerprint) is ``dataset_name``, default ``"csv"``.
 """
 
 import csv
@@ -46,7 +47,7 @@ def load_csv_dataset(
     separator: str = "|",
     classnames_file: str | Path | None = None,
     classnames: Sequence[str] | None = None,
-    name: str = "csv",
+    dataset_name: str = "csv",
 ) -> ImageFileDataset:
     """Load a ``path,labels`` CSV (``<root>/<split>.csv`` by default) as a multi-label dataset."""
     if not separator or separator == ",":
@@ -92,7 +93,7 @@ def load_csv_dataset(
         raise DatasetError(f"label CSV {path} line {empty + 2}: empty 'path'")
     paths = [base / r["path"].strip() for r in records]
     return ImageFileDataset.from_rows(
-        name=name,
+        name=dataset_name,
         split=split,
         classnames=names,
         labels=labels,
