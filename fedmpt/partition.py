@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
@@ -72,6 +73,11 @@ def _check_num_clients(num_clients: int, num_samples: int) -> None:
         raise ConfigError(f"num_clients must be an integer, got {num_clients!r}")
     if not 1 <= num_clients <= num_samples:
         raise ConfigError(f"num_clients must be in [1, n_images={num_samples}], got {num_clients}")
+
+
+def _is_real(value: object) -> bool:
+    """True for int/float/numpy scalars, False for bool (a flag is never a rate) and everything else."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
 
 
 def _read_only(array: NDArray[Any]) -> NDArray[Any]:
@@ -320,7 +326,7 @@ def dirichlet_partition(
     label_array = _check_labels(labels)
     n_images = label_array.shape[0]
     _check_num_clients(num_clients, n_images)
-    if not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha > 0):
+    if not (_is_real(alpha) and math.isfinite(alpha) and alpha > 0):
         raise ConfigError(f"alpha must be a finite number > 0, got {alpha!r}")
     if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
         raise ConfigError(f"min_size must be a non-negative integer, got {min_size!r}")
@@ -376,7 +382,7 @@ def mask_partial_labels(
     are. Apply to the training split only. Returns a new int8 matrix; the input is not modified.
     """
     label_array = _check_labels(labels)
-    if not (isinstance(rho, int | float) and 0.0 <= rho < 1.0):
+    if not (_is_real(rho) and 0.0 <= rho < 1.0):
         raise ConfigError(f"rho must be in [0, 1), got {rho!r}")
     try:
         mask_mode = MaskMode(mode)
@@ -411,7 +417,7 @@ def sample_participants(
     """
     if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
         raise ConfigError(f"num_clients must be a positive integer, got {num_clients!r}")
-    if not (isinstance(fraction, int | float) and 0.0 < fraction <= 1.0):
+    if not (_is_real(fraction) and 0.0 < fraction <= 1.0):
         raise ConfigError(f"fraction must be in (0, 1], got {fraction!r}")
     if (
         isinstance(min_clients, bool)

@@ -164,6 +164,14 @@ def test_dirichlet_covers_with_non_empty_clients(
     assert dirichlet_partition(labels, num_clients, alpha, seed=seed) == partition
 
 
+def test_numpy_scalars_are_accepted() -> None:
+    labels = random_labels(30, 3, seed=0)
+    partition = dirichlet_partition(labels, np.int64(3), np.float32(1.0), seed=np.int64(4))  # type: ignore[arg-type]
+    assert partition == dirichlet_partition(labels, 3, 1.0, seed=4)
+    masked = mask_partial_labels(labels, np.float64(0.5), seed=1)
+    np.testing.assert_array_equal(masked, mask_partial_labels(labels, 0.5, seed=1))
+
+
 def test_dirichlet_different_seeds_differ() -> None:
     labels = random_labels(100, 5, seed=0)
     first = dirichlet_partition(labels, 4, 0.5, seed=0)
