@@ -1,5 +1,4 @@
-"""Tests of the per-condition low-rank adapters: shapes, identity at init, NumPy reference, per-sample
-grads."""
+"""Tests of the per-condition low-rank adapters: shapes, identity at init, NumPy reference, gradients."""
 
 from __future__ import annotations
 
