@@ -120,6 +120,12 @@ class CkksConfig:
         lane_bits: width of one packed lane, including the log2(n) headroom for the sum over clients.
         clip_range: packed mode only: values are clipped to [-clip_range, clip_range] before quantization.
         packed_scale_bits: log2 of the CKKS scale in packed mode (integers need only ~2**20 of precision).
+        max_clients: most clients one aggregate may sum; sizes the headroom so the sum cannot overflow.
+        max_weight: largest integer client weight (sample count); updates are multiplied by it before
+        encryption. symmetric: encrypt with the (shared) secret key, which is ~2x faster than public-key
+        encryption and
+            gives ciphertexts of the same size; the server then holds no key at all.
+        n_threads: threads used to encrypt/serialize the ciphertexts of one vector in parallel.
     """
 
     poly_modulus_degree: int = 8192
@@ -129,8 +135,16 @@ class CkksConfig:
     lane_bits: int = 17
     clip_range: float = 1.0
     packed_scale_bits: int = 22
+    max_clients: int = 64
+    max_weight: int = 1
+    symmetric: bool = True
+    n_threads: int = 2
 
     def __post_init__(self) -> None:
+        for name in ("max_clients", "max_weight", "n_threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"CkksConfig.{name} must be an int >= 1, got {value!r}")
         n = self.poly_modulus_degree
         if n not in SEAL_128_BIT_MAX_COEFF_BITS:
             raise ConfigError(
@@ -176,6 +190,30 @@ class CkksConfig:
                     "must be "
                     f"below the ciphertext modulus bits - 1 = {data_bits - 1}"
                 )
+
+        if self.pack == 1:
+            headroom_bits = data_bits - self.scale_bits - 2
+            if self.max_clients * self.max_weight * self.clip_range >= 2.0**headroom_bits:
+                raise ConfigError(
+                    f"CkksConfig: max_clients*max_weight*clip_range = "
+                    f"{self.max_clients * self.max_weight * self.clip_range:g} does not fit the "
+                    f"2**{headroom_bits} "
+                    "headroom of the ciphertext modulus above the scale"
+                )
+        elif self.lane_half_range() < 1:
+            raise ConfigError(
+                f"CkksConfig: lane_bits={self.lane_bits} leaves no room for {self.max_clients} clients "
+                "(need 2 * max_clients < 2**lane_bits)"
+            )
+
+    def lane_half_range(self) -> int:
+        """Packed mode: Q = floor((2**lane_bits - 1) / (2 * max_clients)); one client's lane lies in [0,
+        2Q]."""
+        return (2**self.lane_bits - 1) // (2 * self.max_clients)
+
+    def quantization_scale(self) -> float:
+        """Packed mode: fixed-point scale s = Q / (max_weight * clip_range), so |w * x * s| <= Q."""
+        return self.lane_half_range() / (self.max_weight * self.clip_range)
 
     @property
     def slots(self) -> int:
