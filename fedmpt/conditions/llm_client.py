@@ -11,8 +11,9 @@ Failure policy: HTTP 429, HTTP 5xx, timeouts and connection errors are retried w
 explicit ``numpy.random.Generator`` (a ``Retry-After`` header on a 429 raises the delay to at least its value,
 capped at ``max_delay``); any other 4xx is raised at once, as is a 2xx body that is not JSON or not shaped
 like a chat completion. Threat model for the API key: it is read from an environment variable, sent only in
-the ``Authorization: Bearer`` header, never logged, never put in an error message or in provenance, and hidden
-by ``__repr__``; by default it is refused over plain ``http://`` to a host that is not loopback.
+the ``Authorization: Bearer`` header (redirects are not followed, so it cannot be forwarded), never logged,
+never put in an error message or in provenance, and hidden by ``__repr__``; by default it is refused over
+plain ``http://`` to a host that is not loopback.
 """
 
 from __future__ import annotations
@@ -217,6 +218,13 @@ def _retry_after(headers: Any) -> float | None:
         return None  # an HTTP date: ignore and use our own backoff
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: urllib would resend the ``Authorization`` header to the new location."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        return None  # urllib then raises HTTPError with the 3xx status
+
+
 class ChatClient:
     """Send chat-completion requests with retries; see the module docstring for the failure policy."""
 
@@ -235,6 +243,7 @@ class ChatClient:
         key = env.get(config.api_key_env) or None
         self.__api_key = key
         self._seed_supported = config.seed is not None
+        self._opener = urllib.request.build_opener(_RefuseRedirects)
         parsed = urllib.parse.urlsplit(config.url)
         if key is not None and parsed.scheme == "http" and not _is_loopback(parsed.hostname or ""):
             if not config.allow_insecure_http:
@@ -275,7 +284,7 @@ class ChatClient:
             headers["Authorization"] = f"Bearer {self.__api_key}"
         request = urllib.request.Request(self.config.url, data=data, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.config.timeout_s) as response:
+            with self._opener.open(request, timeout=self.config.timeout_s) as response:
                 payload: bytes = response.read()
                 return payload
         except urllib.error.HTTPError as err:
@@ -287,6 +296,13 @@ class ChatClient:
                 self._seed_supported = False
                 logger.warning("endpoint rejected the 'seed' field; retrying without it: %s", _snippet(body))
                 raise _SeedRejected("seed not supported") from err
+            if 300 <= status <= 399:
+                raise LLMHTTPError(
+                    f"LLM endpoint {self.config.url} redirects (HTTP {status}) to "
+                    f"{err.headers.get('Location')!r}; redirects are not followed (they would resend the API "
+                    "key): give the final URL as the endpoint",
+                    status,
+                ) from err
             raise LLMHTTPError(
                 f"LLM endpoint {self.config.url} answered HTTP {status}: {_snippet(body)}", status
             ) from err

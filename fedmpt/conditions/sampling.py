@@ -135,8 +135,9 @@ def combination_weights(
 def _allocate(budget: int, capacities: Sequence[int]) -> list[int]:
     """Split ``budget`` evenly over groups, each capped at its capacity, passing leftovers to the others.
 
-    Water-filling: visit groups by increasing capacity; each takes ``min(capacity, remaining // groups_left)``,
-    so groups that are not capped end up within one of each other and the total is ``min(budget, sum(caps))``.
+    Water-filling: visit groups by increasing capacity; each takes ``min(capacity, remaining //
+    groups_left)``, so groups that are not capped end up within one of each other and the total is
+    ``min(budget, sum(caps))``.
     """
     alloc = [0] * len(capacities)
     remaining = budget

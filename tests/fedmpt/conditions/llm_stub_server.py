@@ -2,10 +2,10 @@
 
 The server runs in a thread on 127.0.0.1, port 0 (the OS picks a free port), and is always shut down by the
 fixture finalizer. Behaviour per request is scripted: ``stub.script`` is a queue of modes consumed one per
-request (``"ok"``, ``"500"``, ``"429"``, ``"404"``, ``"seed400"``, ``"slow"``, ``"badjson"``, ``"noshape"``);
-an empty queue means ``"ok"``. An ``"ok"`` answer is ``stage1_answer.txt`` for stage-1 prompts and, for
-stage-2 prompts, the next name in ``stub.stage2_answers`` (default ``stage2_answer.txt``). Every request is
-recorded.
+request (``"ok"``, ``"500"``, ``"429"``, ``"404"``, ``"seed400"``, ``"redirect"``, ``"slow"``, ``"badjson"``,
+``"noshape"``); an empty queue means ``"ok"``. An ``"ok"`` answer is ``stage1_answer.txt`` for stage-1 prompts
+and, for stage-2 prompts, the next name in ``stub.stage2_answers`` (default ``stage2_answer.txt``). Every
+request is recorded.
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ def _make_handler(stub: StubLLM) -> type[BaseHTTPRequestHandler]:
                 self._send(404, b'{"error": {"message": "model not found"}}')
             elif mode == "seed400":
                 self._send(400, b'{"error": {"message": "Unsupported parameter: seed"}}')
+            elif mode == "redirect":
+                self._send(307, b"", {"Location": "http://127.0.0.2:1/v1/chat/completions"})
             elif mode == "badjson":
                 self._send(200, b"<html>not json</html>")
             elif mode == "noshape":

@@ -120,6 +120,16 @@ def test_other_4xx_is_not_retried(llm_stub: StubLLM) -> None:
     assert sleeps == []
 
 
+def test_redirects_are_not_followed(llm_stub: StubLLM) -> None:
+    llm_stub.script.append("redirect")
+    client, sleeps = _client(llm_stub.url, env={"OPENAI_API_KEY": KEY})
+    with pytest.raises(LLMHTTPError, match="redirects \\(HTTP 307\\).*not followed") as info:
+        client.complete(MESSAGES)
+    assert info.value.status == 307
+    assert llm_stub.count == 1
+    assert KEY not in str(info.value)
+
+
 def test_seed_rejected_is_resent_without_seed(llm_stub: StubLLM) -> None:
     llm_stub.script.append("seed400")
     client, sleeps = _client(llm_stub.url, seed=3)
