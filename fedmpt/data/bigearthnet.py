@@ -108,7 +108,7 @@ def read_bigearthnet_rgb(patch_dir: Path, white_point: float = DEFAULT_WHITE_POI
             f"BigEarthNet patch {patch_dir}: bands {RGB_BANDS} differ in size {[c.shape for c in channels]}"
         )
     scaled = np.rint(255.0 * np.clip(np.stack(channels, axis=-1) / white_point, 0.0, 1.0)).astype(np.uint8)
-    return Image.fromarray(scaled, mode="RGB")
+    return Image.fromarray(scaled)
 
 
 def read_bigearthnet_labels(patch_dir: Path) -> list[str]:

@@ -307,7 +307,7 @@ class ArrayImageDataset(MultiLabelDataset):
         self.images: npt.NDArray[np.uint8] = array
 
     def load_image(self, index: int) -> Image.Image:
-        return Image.fromarray(self.images[index], mode="RGB")
+        return Image.fromarray(self.images[index])
 
     def _row_keys(self) -> Iterator[str]:
         for image in self.images:

@@ -63,6 +63,10 @@ def load_dataset(
         ConfigError: unknown dataset name (the message lists the known ones) or unknown option.
         DatasetError: the files are missing, malformed or inconsistent (raised by the loader).
     """
+    if not isinstance(root, (str, Path)):
+        raise ConfigError(f"dataset root must be a path (str or Path), got {type(root).__name__}: {root!r}")
+    if not isinstance(split, str) or not split:
+        raise ConfigError(f"dataset split must be a non-empty string, got {split!r}")
     loader = DATASETS.get(name)
     if loader is None:
         raise ConfigError(f"unknown dataset {name!r}; known datasets: {sorted(DATASETS)}")

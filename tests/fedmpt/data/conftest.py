@@ -26,7 +26,7 @@ def make_image() -> Callable[..., Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         array = np.empty((size[1], size[0], 3), dtype=np.uint8)
         array[...] = color
-        Image.fromarray(array, mode="RGB").save(path)
+        Image.fromarray(array).save(path)
         return path
 
     return write
@@ -49,5 +49,5 @@ def coco_tiny() -> Path:
     """The genuine COCO sample in ``<repo>/../shared/data/coco_tiny`` (``$FEDMPT_SHARED_DIR`` overrides)."""
     path = _shared_dir() / "data" / "coco_tiny"
     if not path.is_dir():
-        pytest.skip(f"{path} not found: …/shared/data/coco_tiny not found (set FEDMPT_SHARED_DIR)")
+        pytest.skip(f"{path} not found (set FEDMPT_SHARED_DIR to the folder holding data/coco_tiny)")
     return path

@@ -172,6 +172,21 @@ def test_array_dataset() -> None:
         ArrayImageDataset(name="s", split="t", classnames=("x",), labels=[[0]], images=images[:2])
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_subset_by_permutation_and_inverse_is_identity(data: st.DataObject) -> None:
+    n = data.draw(st.integers(1, 8))
+    labels = data.draw(hnp.arrays(np.int8, (n, 3), elements=st.integers(-1, 1)))
+    images = data.draw(hnp.arrays(np.uint8, (n, 2, 2, 3)))
+    permutation = np.asarray(data.draw(st.permutations(range(n))), dtype=np.intp)
+    ds = ArrayImageDataset(name="p", split="s", classnames=XYZ, labels=labels, images=images)
+    shuffled = ds.subset(permutation)
+    np.testing.assert_array_equal(shuffled.labels, labels[permutation])
+    np.testing.assert_array_equal(np.asarray(shuffled[0][0]), images[permutation[0]])
+    restored = shuffled.subset(np.argsort(permutation))
+    assert restored.fingerprint() == ds.fingerprint()
+
+
 def _array(names: tuple[str, ...], name: str = "c") -> ArrayImageDataset:
     images = np.zeros((1, 2, 2, 3), dtype=np.uint8)
     labels = np.zeros((1, len(names)))

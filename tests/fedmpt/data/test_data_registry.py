@@ -19,6 +19,13 @@ def test_unknown_name_lists_known_ones() -> None:
         load_dataset("imagenet", "/nowhere", "train")
 
 
+def test_bad_root_or_split_type() -> None:
+    with pytest.raises(ConfigError, match="root"):
+        load_dataset("voc2007", None, "train")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="split"):
+        load_dataset("voc2007", "/nowhere", "")
+
+
 def test_unknown_option_is_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"difficul.*accepts.*'difficult'"):
         load_dataset("voc2007", tmp_path, "train", difficul="unknown")
