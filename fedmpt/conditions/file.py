@@ -219,6 +219,11 @@ class ConditionSet:
         object.__setattr__(self, "classnames", _validate_classnames(self.classnames, where=where))
         object.__setattr__(self, "provenance", _validate_provenance(self.provenance, where=where))
 
+    def __reduce__(self) -> tuple[type[ConditionSet], tuple[Any, ...]]:
+        # The read-only provenance view cannot be pickled; rebuild from a plain dict (and re-validate), so a
+        # ConditionSet can travel inside configs to local worker processes (e.g. simulation actors).
+        return (type(self), (self.conditions, self.classnames, self.dataset, dict(self.provenance)))
+
     @property
     def n_conditions(self) -> int:
         """N, the number of conditions."""

@@ -73,6 +73,17 @@ def test_provenance_is_read_only_copy() -> None:
         cset.provenance["model"] = "x"  # type: ignore[index]
 
 
+def test_copy_and_pickle_round_trip() -> None:
+    import copy
+    import pickle
+
+    cset = _cset()
+    # Our own object, pickled and unpickled locally: the case of handing it to a local worker process.
+    clone = pickle.loads(pickle.dumps(cset))
+    assert clone == cset and clone.provenance["model"] == "m"
+    assert copy.deepcopy(cset) == cset
+
+
 def test_whitespace_is_normalised() -> None:
     assert validate_conditions(["  spatial   layout ", "pose"]) == ("spatial layout", "pose")
 
