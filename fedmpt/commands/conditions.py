@@ -3,8 +3,8 @@
 - ``fedmpt conditions list``: the packaged offline defaults.
 - ``fedmpt conditions show NAME|PATH [--dataset NAME | --classes FILE]``: validate a conditions file
   (optionally against a class list) and print its conditions and provenance summary.
-- ``fedmpt conditions derive (--dataset NAME | --classes FILE) --n N --endpoint URL --model NAME --output
-  FILE``: run the two-stage LLM pipeline against an OpenAI-compatible chat-completions endpoint and write the
+- ``fedmpt conditions derive (--dataset NAME | --classes FILE) --n N --endpoint URL --model NAME [--output
+  FILE]``: run the two-stage LLM pipeline against an OpenAI-compatible chat-completions endpoint and write the
   conditions file. Rerunning the same command resumes from the response cache.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from fedmpt.conditions.defaults_build import read_classnames_file
 from fedmpt.conditions.file import builtin_condition_names, load_conditions, save_conditions
-from fedmpt.conditions.llm_client import ChatClient, ChatClientConfig, RetryPolicy
+from fedmpt.conditions.llm_client import ChatClient, ChatClientConfig, LLMError, RetryPolicy
 from fedmpt.conditions.pipeline import PipelineConfig, derive_conditions, domain_for_dataset
 from fedmpt.conditions.sampling import SamplingConfig, load_cooccurrence
 from fedmpt.errors import ConfigError
@@ -81,7 +81,12 @@ def _cmd_derive(args: argparse.Namespace) -> int:
     classnames = _classnames(args)
     if classnames is None:
         raise ConfigError("conditions derive needs --dataset NAME (built-in) or --classes FILE")
-    output: Path = args.output
+    output: Path
+    if args.output is not None:
+        output = args.output
+    else:
+        stem = args.dataset if args.dataset is not None else Path(args.classes).stem
+        output = Path(f"{stem}.conditions.json")
     cache_dir: Path = (
         args.cache_dir if args.cache_dir is not None else output.with_name(output.name + ".cache")
     )
@@ -115,9 +120,13 @@ def _cmd_derive(args: argparse.Namespace) -> int:
     logger.info(
         "deriving %d conditions for %d classes with %s; cache %s", args.n, len(classnames), client, cache_dir
     )
-    cset = derive_conditions(
-        classnames, client, config, cache_dir, dataset=args.dataset, cooccurrence=cooccurrence
-    )
+    try:
+        cset = derive_conditions(
+            classnames, client, config, cache_dir, dataset=args.dataset, cooccurrence=cooccurrence
+        )
+    except LLMError:
+        logger.error("answers received so far are cached in %s; rerun the same command to resume", cache_dir)
+        raise
     save_conditions(cset, output)
     print(f"{output}: {', '.join(cset.conditions)}")
     return 0
@@ -156,7 +165,11 @@ def register(subparsers: Any) -> None:
     p_derive.add_argument("--n", type=int, default=5, help="number of conditions N (default 5)")
     p_derive.add_argument("--endpoint", required=True, help="base URL, e.g. http://127.0.0.1:11434/v1")
     p_derive.add_argument("--model", required=True, help="model name as the server knows it")
-    p_derive.add_argument("--output", type=Path, required=True, help="conditions JSON file to write")
+    p_derive.add_argument(
+        "--output",
+        type=Path,
+        help="conditions JSON file to write (default: ./<dataset or classes stem>.conditions.json)",
+    )
     p_derive.add_argument(
         "--cache-dir", type=Path, help="response cache (default: OUTPUT.cache next to the output)"
     )

@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import os
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -309,6 +310,9 @@ class ChatClient:
         except TimeoutError as err:
             raise _Retryable(f"timed out after {self.config.timeout_s} s") from err
         except urllib.error.URLError as err:
+            if isinstance(err.reason, ssl.SSLError):
+                # A certificate or TLS failure does not heal by waiting: report it at once.
+                raise LLMUnavailableError(f"LLM endpoint {self.config.url}: TLS error: {err.reason}") from err
             if isinstance(err.reason, TimeoutError):
                 raise _Retryable(f"timed out after {self.config.timeout_s} s") from err
             raise _Retryable(f"connection error: {err.reason}") from err

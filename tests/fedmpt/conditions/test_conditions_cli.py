@@ -131,3 +131,17 @@ def test_defaults_builder_cli_for_a_new_dataset(tmp_path: Path) -> None:
     assert defaults_build.main(["--directory", str(tmp_path), "--dataset", "voc2007"]) == 0
     assert load_conditions(tmp_path / "voc2007.json").classnames == BUILTIN_CLASSNAMES["voc2007"]
     assert defaults_build.main(["--directory", str(tmp_path), "--dataset", "nope"]) == 2
+
+
+def test_derive_default_output_name(
+    llm_stub: StubLLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps(CLASSES), encoding="utf-8")
+    args = _derive_args(llm_stub, classes, tmp_path / "unused.json")
+    at = args.index("--output")
+    del args[at : at + 2]
+    assert main(args) == 0
+    assert load_conditions(tmp_path / "toy.conditions.json", classnames=CLASSES).dataset == "toy"
+    assert (tmp_path / "toy.conditions.json.cache").is_dir()
