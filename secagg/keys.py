@@ -235,13 +235,24 @@ def share_encryption_key(
     encrypts exactly one message: a constant nonce is then never reused under one key.
     """
     shared = _agree(private, peer_public, f"c-key of the pair ({sender}, {recipient})")
-    info = (
-        _DOMAIN
-        + b"share-encryption|"
-        + round_context(run_id, round_number)
-        + struct.pack("<QQ", sender, recipient)
+    return _share_key(shared, run_id, round_number, sender, recipient)
+
+
+def _share_key(shared: bytes, run_id: bytes, round_number: int, sender: int, recipient: int) -> bytes:
+    ctx = round_context(run_id, round_number) + struct.pack("<QQ", sender, recipient)
+    return _hkdf(shared, _DOMAIN + b"share-encryption|" + ctx)
+
+
+def share_encryption_keys(
+    private: X25519PrivateKey, peer_public: bytes, run_id: bytes, round_number: int, own: int, peer: int
+) -> tuple[bytes, bytes]:
+    """(key for own -> peer, key for peer -> own) from one X25519 agreement; each equals
+    :func:`share_encryption_key` for its direction."""
+    shared = _agree(private, peer_public, f"c-key of the pair ({own}, {peer})")
+    return (
+        _share_key(shared, run_id, round_number, own, peer),
+        _share_key(shared, run_id, round_number, peer, own),
     )
-    return _hkdf(shared, info)
 
 
 def pairwise_seed(

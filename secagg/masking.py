@@ -59,7 +59,7 @@ from secagg.keys import (
     check_node_id,
     pairwise_seed,
     round_context,
-    share_encryption_key,
+    share_encryption_keys,
     x25519_from_private_bytes,
     x25519_private_bytes,
 )
@@ -159,6 +159,7 @@ class ClientState:
     self_mask_seed: bytes = field(default=b"", repr=False)
     peer_bundles: dict[int, wire.KeyBundle] = field(default_factory=dict, repr=False)
     held_shares: dict[int, tuple[Share, Share]] = field(default_factory=dict, repr=False)
+    receive_keys: dict[int, bytes] = field(default_factory=dict, repr=False)
     revealed: dict[int, RevealKind] = field(default_factory=dict)
     guard: wire.ReplayGuard = field(default_factory=wire.ReplayGuard, repr=False)
 
@@ -308,7 +309,7 @@ def share_keys(state: ClientState, request: bytes) -> bytes:
         plaintext = (
             struct.pack("<QQ", state.node_id, v) + encode_share(seed_shares[v]) + encode_share(key_shares[v])
         )
-        key = share_encryption_key(
+        key, state.receive_keys[v] = share_encryption_keys(
             state.c_keys.private, bundles[v].c_public, state.run_id, state.round_number, state.node_id, v
         )
         ciphertexts[v] = ChaCha20Poly1305(key).encrypt(
@@ -340,14 +341,7 @@ def masked_input(state: ClientState, request: bytes, update: np.ndarray, weight:
             raise MessageRejected(
                 f"MASKED_INPUT_REQUEST: node {v} sent shares but never advertised to {state.node_id}"
             )
-        key = share_encryption_key(
-            state.c_keys.private,
-            state.peer_bundles[v].c_public,
-            state.run_id,
-            state.round_number,
-            v,
-            state.node_id,
-        )
+        key = state.receive_keys[v]  # HKDF(X25519(c_sk_u, c_pk_v)) for v -> u, derived at share_keys
         try:
             pt = ChaCha20Poly1305(key).decrypt(
                 _ZERO_NONCE, ct, _aad(state.run_id, state.round_number, v, state.node_id)

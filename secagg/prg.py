@@ -64,7 +64,8 @@ def mask_vector(seed: bytes, purpose: Purpose, context: bytes, length: int, modu
         raise ConfigError(f"mask length must be >= 0, got {length}")
     dtype = np.dtype("<u4") if modulus_bits == 32 else np.dtype("<u8")
     raw = keystream(seed, purpose, context, length * dtype.itemsize)
-    return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=True)
+    words = np.frombuffer(raw, dtype=dtype)  # read-only view of the keystream bytes
+    return words if dtype.isnative else words.astype(dtype.newbyteorder("="))
 
 
 def uniform_floats(seed: bytes, context: bytes, length: int) -> np.ndarray:
