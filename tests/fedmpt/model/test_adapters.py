@@ -122,10 +122,10 @@ def test_opacus_grad_samples_match_one_at_a_time() -> None:
     module.zero_grad()
     wrapped = GradSampleModule(module, loss_reduction="sum")
     out = wrapped(x)
-    sum(_sample_loss(module, target[i], out[i]) for i in range(4)).backward()
+    torch.stack([_sample_loss(module, target[i], out[i]) for i in range(4)]).sum().backward()
     for name, param in module.named_parameters():
         for i in range(4):
-            torch.testing.assert_close(param.grad_sample[i], expected[i][name])
+            torch.testing.assert_close(param.grad_sample[i], expected[i][name])  # type: ignore[attr-defined]
     wrapped._close()
 
 

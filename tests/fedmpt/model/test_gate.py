@@ -119,10 +119,10 @@ def test_opacus_hook_grad_samples_match_one_at_a_time() -> None:
     gate.zero_grad()
     wrapped = GradSampleModule(gate, loss_reduction="sum")
     weights = wrapped(z)
-    sum(_sample_loss(weights[i : i + 1], scores[i : i + 1]) for i in range(5)).backward()
+    torch.stack([_sample_loss(weights[i : i + 1], scores[i : i + 1]) for i in range(5)]).sum().backward()
     for name, param in gate.named_parameters():
         for i in range(5):
-            torch.testing.assert_close(param.grad_sample[i], expected[i][name])
+            torch.testing.assert_close(param.grad_sample[i], expected[i][name])  # type: ignore[attr-defined]
     wrapped._close()
 
 
