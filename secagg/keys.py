@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -271,3 +273,50 @@ def x25519_from_private_bytes(data: bytes) -> X25519PrivateKey:
     if len(data) != PRIVATE_KEY_BYTES:
         raise MessageRejected(f"X25519 private key must be 32 bytes, got {len(data)}")
     return X25519PrivateKey.from_private_bytes(bytes(data))
+
+
+ROSTER_FILE = "roster.bin"
+
+
+def identity_file_name(node_id: int) -> str:
+    """File name of a client's identity key in a provisioning directory."""
+    return f"identity_{node_id}.key"
+
+
+def provision_identities(node_ids: list[int], out_dir: Path) -> Roster:
+    """Create one Ed25519 identity per node and write ``roster.bin`` plus ``identity_<id>.key`` (mode 0600).
+
+    The roster goes to every client (and may go to the server); each identity file goes only to its node.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    identities = [Identity.generate(n) for n in node_ids]
+    roster = Roster.from_identities(identities)
+    if len(roster) != len(node_ids):
+        raise ConfigError(f"node ids must be distinct, got {node_ids}")
+    for ident in identities:
+        fd = os.open(
+            out_dir / identity_file_name(ident.node_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
+        )
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(ident.private_bytes())
+    (out_dir / ROSTER_FILE).write_bytes(roster.to_bytes())
+    return roster
+
+
+def load_identity(path: Path, node_id: int) -> Identity:
+    """Read a client's identity key written by :func:`provision_identities`."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read identity key {path}: {err}") from err
+    return Identity.from_private_bytes(node_id, data)
+
+
+def load_roster(path: Path) -> Roster:
+    """Read a roster written by :func:`provision_identities`."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read roster {path}: {err}") from err
+    return Roster.from_bytes(data)

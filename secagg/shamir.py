@@ -9,6 +9,7 @@ nothing. Coefficients come from :mod:`secrets`. Shares have a fixed byte layout;
 
 from __future__ import annotations
 
+import functools
 import secrets
 import struct
 from collections.abc import Iterable, Sequence
@@ -85,16 +86,24 @@ def _evaluate(coefficients: Sequence[int], x: int, prime: int) -> int:
     return acc
 
 
-def _lagrange_at(points: Sequence[tuple[int, int]], at: int, prime: int) -> int:
-    total = 0
-    for j, (xj, yj) in enumerate(points):
+@functools.lru_cache(maxsize=4096)
+def _lagrange_coefficients(xs: tuple[int, ...], at: int, prime: int) -> tuple[int, ...]:
+    """lambda_j with f(at) = sum_j lambda_j f(x_j) for every f of degree < len(xs); cached, since every secret
+    of a round is usually interpolated from the same holders."""
+    coefficients = []
+    for j, xj in enumerate(xs):
         num, den = 1, 1
-        for m, (xm, _) in enumerate(points):
+        for m, xm in enumerate(xs):
             if m != j:
                 num = num * (at - xm) % prime
                 den = den * (xj - xm) % prime
-        total = (total + yj * num * pow(den, -1, prime)) % prime
-    return total
+        coefficients.append(num * pow(den, -1, prime) % prime)
+    return tuple(coefficients)
+
+
+def _lagrange_at(points: Sequence[tuple[int, int]], at: int, prime: int) -> int:
+    coefficients = _lagrange_coefficients(tuple(x for x, _ in points), at, prime)
+    return sum(c * y for c, (_, y) in zip(coefficients, points, strict=True)) % prime
 
 
 def reconstruct(shares: Sequence[Share], threshold: int, secret_length: int, prime: int = P521) -> bytes:
