@@ -1,4 +1,4 @@
-"""Tests of the conditional gate: simplex weights, uniform init, NumPy reference, per-sample gradients."""
+"""Tests of the conditional gate (simplex, uniform init, NumPy reference) and of the chained kernels."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from opacus import GradSampleModule
 from torch.func import functional_call, grad, vmap
 
 from fedmpt.errors import ConfigError
+from fedmpt.model.adapters import ConditionAdapters
+from fedmpt.model.asymmetric_loss import asymmetric_loss
 from fedmpt.model.gate import ConditionGate, combine_conditions
+from fedmpt.model.sinkhorn import ConditionTransport, SinkhornConfig
 
 
 def _trained_gate(dim: int, conditions: int, rank: int, seed: int, normalize: bool = True) -> ConditionGate:
@@ -146,3 +149,42 @@ def test_bad_shapes_are_rejected() -> None:
 def test_bad_settings_are_rejected(args: tuple[object, ...], kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ConditionGate(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_chained_kernels_give_exact_per_sample_gradients() -> None:
+    # adapters -> transport -> gate -> asymmetric loss, as the client trains them, under vmap(grad)
+    gen = torch.Generator().manual_seed(7)
+    dim, conditions, classes, patches = 6, 3, 4, 5
+    adapters = ConditionAdapters(dim, conditions, 2, generator=gen).double()
+    gate = _trained_gate(dim, conditions, 2, seed=8)
+    transport = ConditionTransport(sinkhorn=SinkhornConfig(max_iter=30, fixed_iterations=True)).double()
+    with torch.no_grad():
+        adapters.up.copy_(torch.randn(adapters.up.shape, generator=gen, dtype=torch.float64) * 0.3)
+    modules = torch.nn.ModuleDict({"adapters": adapters, "gate": gate, "transport": transport})
+    text = torch.randn(conditions, classes, dim, generator=gen, dtype=torch.float64)
+    x = torch.randn(4, patches, dim, generator=gen, dtype=torch.float64)
+    z = torch.randn(4, dim, generator=gen, dtype=torch.float64)
+    y = torch.tensor([[1, 0, -1, 0], [0, 0, 1, 1], [-1, -1, 1, 0], [0, 1, 0, 0]])
+
+    def part(p: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        return {k.removeprefix(prefix + "."): v for k, v in p.items() if k.startswith(prefix + ".")}
+
+    def loss(
+        p: dict[str, torch.Tensor], xi: torch.Tensor, zi: torch.Tensor, yi: torch.Tensor
+    ) -> torch.Tensor:
+        features = functional_call(adapters, part(p, "adapters"), (xi[None],))
+        logits = functional_call(transport, part(p, "transport"), (features, text)).logits
+        weights = functional_call(gate, part(p, "gate"), (zi[None],))
+        final = combine_conditions(weights, logits)
+        return asymmetric_loss(final, yi[None], gamma_pos=1.0, gamma_neg=2.0, check_targets=False)[0]
+
+    params = {name: p.detach() for name, p in modules.named_parameters()}
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, x, z, y)
+    for i in range(4):
+        modules.zero_grad()
+        logits = transport(adapters(x[i : i + 1]), text).logits
+        final = combine_conditions(gate(z[i : i + 1]), logits)
+        asymmetric_loss(final, y[i : i + 1], gamma_pos=1.0, gamma_neg=2.0).sum().backward()
+        for name, param in modules.named_parameters():
+            assert param.grad is not None
+            torch.testing.assert_close(per_sample[name][i], param.grad)
