@@ -408,23 +408,32 @@ def aggregate(
     if len(uploads) > config.max_clients:
         raise CkksError(f"{len(uploads)} uploads exceed max_clients={config.max_clients} (overflow headroom)")
     fingerprint = context_fingerprint(server_context, key_id)
-    total: list[ts.CKKSVector] | None = None
-    d = -1
+    parsed: dict[int, _Parsed] = {}
     for node in sorted(uploads):
-        parsed = _unpack_message(uploads[node], CkksKind.UPLOAD, run_id, round_number, fingerprint, config)
-        if parsed.sender != node:
-            raise MessageRejected(f"CKKS UPLOAD keyed by node {node} claims sender {parsed.sender}")
-        if d not in (-1, parsed.d):
-            raise MessageRejected(f"CKKS UPLOAD from {node} has d={parsed.d}, others have d={d}")
-        d = parsed.d
-        vecs = [_vector_from(server_context, c, f"UPLOAD from {node}") for c in parsed.ciphertexts]
-        if total is None:
-            total = vecs
-        else:
-            for acc, v in zip(total, vecs, strict=True):
+        p = _unpack_message(uploads[node], CkksKind.UPLOAD, run_id, round_number, fingerprint, config)
+        if p.sender != node:
+            raise MessageRejected(f"CKKS UPLOAD keyed by node {node} claims sender {p.sender}")
+        parsed[node] = p
+    dims = {p.d for p in parsed.values()}
+    if len(dims) != 1:
+        raise MessageRejected(f"CKKS UPLOADs disagree on the vector length: {sorted(dims)}")
+    d = dims.pop()
+    n_cts = len(next(iter(parsed.values())).ciphertexts)
+
+    def add_chunk(i: int) -> bytes:
+        # Ciphertext i of every upload, added; chunks are independent, so they run on parallel threads.
+        acc: ts.CKKSVector | None = None
+        for node, p in parsed.items():
+            v = _vector_from(server_context, p.ciphertexts[i], f"UPLOAD from {node}")
+            if acc is None:
+                acc = v
+            else:
                 acc += v
-    assert total is not None
-    cts = [bytes(v.serialize()) for v in total]
+        assert acc is not None
+        return bytes(acc.serialize())
+
+    with ThreadPoolExecutor(max_workers=config.n_threads) as pool:
+        cts = list(pool.map(add_chunk, range(n_cts)))
     return _pack_message(CkksKind.AGGREGATE, run_id, round_number, SERVER_ID, d, fingerprint, cts)
 
 
@@ -453,12 +462,12 @@ def decrypt_aggregate(
     )
     if parsed.sender != SERVER_ID:
         raise MessageRejected(f"CKKS AGGREGATE from {parsed.sender}, not from the server")
-    slots = np.concatenate(
-        [
-            np.asarray(_vector_from(context, c, "AGGREGATE").decrypt(), dtype=np.float64)
-            for c in parsed.ciphertexts
-        ]
-    )
+
+    def open_chunk(raw: bytes) -> np.ndarray:
+        return np.asarray(_vector_from(context, raw, "AGGREGATE").decrypt(), dtype=np.float64)
+
+    with ThreadPoolExecutor(max_workers=config.n_threads) as pool:
+        slots = np.concatenate(list(pool.map(open_chunk, parsed.ciphertexts)))
     n_data = _n_data_slots(parsed.d, config)
     if slots.size != n_data + 2:
         raise MessageRejected(f"CKKS AGGREGATE decrypts to {slots.size} slots, expected {n_data + 2}")
