@@ -1,5 +1,6 @@
-"""FedMPT model components: condition adapters, condition-guided optimal transport, gate and loss.
+"""FedMPT model components (condition prompts, adapters, condition-guided optimal transport, gate, loss).
 
-Each mechanism lives in its own module (``adapters``, ``sinkhorn``, ``gate``, ``asymmetric_loss``); every
-computation is per sample (no batch statistics) so that per-sample gradients for DP-SGD are exact.
+Each mechanism lives in its own module named after it (``adapters``, ``sinkhorn``, ``gate``,
+``asymmetric_loss``, ...); every computation is per sample (no batch statistics), so per-sample gradients for
+DP-SGD are exact.
 """

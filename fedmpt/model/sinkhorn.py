@@ -354,7 +354,8 @@ class ConditionTransport(nn.Module):
                 ``(B, N, C, D)``.
 
         Returns:
-            :class:`ConditionTransportOutput` with logits and scores ``(B, N, C)``.
+            :class:`ConditionTransportOutput` with logits and scores ``(B, N, C)``, in float32 when the
+            features are float16/bfloat16 (the transport is always solved in float32 or float64).
 
         Raises:
             ValueError: the shapes do not match.
@@ -384,6 +385,9 @@ class ConditionTransport(nn.Module):
         patches = F.normalize(patch_features, dim=-1)  # (B, N, M, D)
         classes = F.normalize(class_features, dim=-1)  # (N, C, D) or (B, N, C, D)
         similarity = torch.matmul(patches, classes.transpose(-2, -1))  # (B, N, M, C)
+        if similarity.dtype not in _SUPPORTED_DTYPES:
+            # half-precision logsumexp over 1/eps-scaled costs loses the plan; solve and score in float32
+            similarity = similarity.float()
         cost = 1.0 - similarity
         row_marginal = torch.softmax(similarity.amax(dim=-1) / self.row_temperature, dim=-1)  # (B, N, M)
         col_marginal = torch.full((num_classes,), 1.0 / num_classes, dtype=cost.dtype, device=cost.device)

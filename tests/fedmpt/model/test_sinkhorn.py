@@ -291,6 +291,19 @@ def test_per_sample_class_features_match_shared_ones() -> None:
     torch.testing.assert_close(expanded.logits, shared.logits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_features_are_solved_in_float32(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(16)
+    patches = torch.randn(2, 2, 6, 8, generator=gen)
+    classes = torch.randn(2, 3, 8, generator=gen)
+    module = ConditionTransport(sinkhorn=SinkhornConfig(tol=1e-6))
+    half = module(patches.to(dtype), classes.to(dtype))
+    # reference: the same half-precision inputs, upcast before the module
+    full = module(patches.to(dtype).float(), classes.to(dtype).float())
+    assert half.scores.dtype == torch.float32
+    torch.testing.assert_close(half.scores, full.scores, atol=2e-2, rtol=0.0)
+
+
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), patches=st.integers(1, 12), classes=st.integers(1, 6))
 def test_scores_are_bounded_cosines(seed: int, patches: int, classes: int) -> None:
