@@ -167,14 +167,19 @@ def _group(history: Iterable[DpSgdEvent]) -> _Groups:
 
 
 @lru_cache(maxsize=4096)
+def _rdp_one_step(sigma: float, q: float) -> tuple[float, ...]:
+    """RDP of one sampled-Gaussian step at every order of :data:`RDP_ORDERS` (the expensive part; cached)."""
+    rdp = opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(RDP_ORDERS))
+    return tuple(float(x) for x in np.asarray(rdp))
+
+
+@lru_cache(maxsize=4096)
 def _epsilon_rdp_grouped(groups: _Groups, delta: float) -> float:
     if not groups:
         return 0.0
     rdp = np.zeros(len(RDP_ORDERS))
     for sigma, q, steps in groups:
-        rdp = rdp + np.asarray(
-            opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(RDP_ORDERS))
-        )
+        rdp = rdp + np.asarray(_rdp_one_step(sigma, q)) * steps  # RDP composes additively over steps
     epsilon, _ = opacus_rdp.get_privacy_spent(orders=list(RDP_ORDERS), rdp=list(rdp), delta=delta)
     return float(epsilon)
 
@@ -321,6 +326,7 @@ def calibrate_noise_multiplier(
     accountant: AccountantKind | str = AccountantKind.RDP,
     epsilon_tolerance: float = 0.01,
     max_noise_multiplier: float = 1e4,
+    pld_value_discretization: float = PLD_VALUE_DISCRETIZATION,
 ) -> float:
     """Smallest-found noise multiplier whose whole-run epsilon is within ``[target - tol, target]``.
 
@@ -328,7 +334,8 @@ def calibrate_noise_multiplier(
     case) the client trains in every round. Epsilon decreases monotonically in sigma, so bisection on sigma
     keeps an upper end ``hi`` with ``epsilon(hi) <= target`` at all times and returns it: the result never
     overshoots the target. Raises :class:`PrivacyParameterError` if even ``max_noise_multiplier`` overshoots.
-    Only ``rdp`` and ``pld`` can be calibrated against (PRV is not reliable enough to back a guarantee).
+    Only ``rdp`` and ``pld`` can be calibrated against (PRV is not reliable enough to back a guarantee);
+    ``pld_value_discretization`` is passed to :func:`epsilon_pld`.
     """
     target_epsilon = validate_epsilon(target_epsilon, name="target_epsilon")
     delta = validate_delta(delta)
@@ -340,7 +347,10 @@ def calibrate_noise_multiplier(
         raise PrivacyParameterError("calibrate_noise_multiplier accountant must be 'rdp' or 'pld', got 'prv'")
 
     def epsilon_at(sigma: float) -> float:
-        return compute_epsilon([DpSgdEvent(sigma, sample_rate, total_steps)], delta, kind)
+        event = DpSgdEvent(sigma, sample_rate, total_steps)
+        if kind is AccountantKind.PLD:
+            return epsilon_pld([event], delta, pld_value_discretization)
+        return epsilon_rdp([event], delta)
 
     hi = 10.0
     while epsilon_at(hi) > target_epsilon:

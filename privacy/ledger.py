@@ -41,7 +41,7 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -217,8 +217,7 @@ class LedgerEntry:
 
     def payload(self) -> dict[str, Any]:
         """The entry as a dict without ``signature``: what the signature covers."""
-        data = asdict(self)
-        del data["signature"]
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "signature"}
         data["versions"] = dict(self.versions)
         return data
 
