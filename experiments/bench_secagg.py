@@ -166,10 +166,8 @@ def bench_ckks(
     res, dec_t = _timed(
         lambda: ckks.decrypt_aggregate(secret, cfg, agg, run_id=run, round_number=1, key_id=key_id)
     )
-    used = [
-        updates[nodes[i % real_clients]] if j >= real_clients else updates[u]
-        for j, (i, u) in enumerate(zip(range(len(nodes)), nodes, strict=True))
-    ]
+    # Node j >= real_clients re-sent the bytes of node j % real_clients.
+    used = [updates[nodes[j % real_clients]] for j in range(len(nodes))]
     exact_used = np.mean([np.clip(x, -cfg.clip_range, cfg.clip_range) for x in used], axis=0)
     err = float(np.max(np.abs(res.mean - exact_used)))
     return {
@@ -225,7 +223,6 @@ def bench_ckks_options(n: int, d: int, rng: np.random.Generator, clip: float, no
 
 
 def _secaggplus_k(n: int) -> int | None:
-    k = 2 * math.ceil(math.log2(n) / 2) * 2 // 2 * 1
     k = max(4, 2 * math.ceil(math.log2(n)))
     k += k % 2
     return k if k < n - 1 else None

@@ -118,7 +118,8 @@ class CkksConfig:
         pack: values per CKKS slot. 1 encrypts floats directly; k >= 2 quantizes each value to a
             ``lane_bits``-bit lane and packs k lanes into one integer per slot (see :mod:`secagg.ckks`).
         lane_bits: width of one packed lane, including the log2(n) headroom for the sum over clients.
-        clip_range: packed mode only: values are clipped to [-clip_range, clip_range] before quantization.
+        clip_range: values are clipped to [-clip_range, clip_range] before encoding, bounding the sum within
+            the CKKS headroom (float mode) or the lane range (packed mode).
         packed_scale_bits: log2 of the CKKS scale in packed mode (integers need only ~2**20 of precision).
         max_clients: most clients one aggregate may sum; sizes the headroom so the sum cannot overflow.
         max_weight: largest integer client weight (sample count); updates are multiplied by it before
