@@ -1,0 +1,71 @@
+"""Shared builders for the privacy tests: node identities, releases and small signed ledgers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from privacy.accounting import DpSgdEvent
+from privacy.ledger import Ledger, NodeIdentity, Release, merge_node_entries
+
+DELTA = 1e-5
+RUN_ID = "run-7"
+
+
+ReleaseFactory = Callable[..., Release]
+
+
+def _make_release(node_id: str, round_: int, steps: int = 3, sigma: float = 1.0, q: float = 0.1) -> Release:
+    """A release with small, cheap-to-account DP-SGD parameters (run RUN_ID, delta DELTA, clip norm 1)."""
+    return Release(
+        run_id=RUN_ID,
+        node_id=node_id,
+        round=round_,
+        event=DpSgdEvent(noise_multiplier=sigma, sample_rate=q, steps=steps),
+        max_grad_norm=1.0,
+        delta=DELTA,
+    )
+
+
+@pytest.fixture(scope="session")
+def make_release() -> ReleaseFactory:
+    """``make_release(node_id, round_, steps=3, sigma=1.0, q=0.1)``: a run-7 release at delta 1e-5."""
+    return _make_release
+
+
+@pytest.fixture(scope="session")
+def identities() -> dict[str, NodeIdentity]:
+    """Two node identities and a third, unrelated key (the "attacker")."""
+    return {name: NodeIdentity.generate() for name in ("node-a", "node-b", "mallory")}
+
+
+@pytest.fixture(scope="session")
+def run_ledger(
+    tmp_path_factory: pytest.TempPathFactory, identities: dict[str, NodeIdentity]
+) -> tuple[Path, dict[str, Path]]:
+    """Two nodes x two rounds, each node's own ledger plus the merged run ledger (interleaved by round)."""
+    directory = tmp_path_factory.mktemp("ledgers")
+    node_paths = {node: directory / f"{node}.jsonl" for node in ("node-a", "node-b")}
+    ledgers = {node: Ledger(path, identities[node]) for node, path in node_paths.items()}
+    run_path = directory / "epsilon_ledger.jsonl"
+    for round_ in (1, 2):
+        round_entries = [
+            ledgers[node].append(_make_release(node, round_, steps=2 + round_ + i))
+            for i, node in enumerate(ledgers)
+        ]
+        merge_node_entries(run_path, round_entries)
+    return run_path, node_paths
+
+
+@pytest.fixture
+def copy_of(tmp_path: Path) -> Callable[[Path], Path]:
+    """Copy a (read-only, session-scoped) ledger into this test's directory so it can be edited."""
+
+    def copy(source: Path) -> Path:
+        target = tmp_path / source.name
+        target.write_bytes(source.read_bytes())
+        return target
+
+    return copy
