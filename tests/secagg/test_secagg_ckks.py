@@ -147,3 +147,18 @@ def test_config_validation() -> None:
         CkksConfig(max_clients=2**17, max_weight=8)
     with pytest.raises(ConfigError, match="weight"):
         ckks._slots(np.ones(3), 6, FLOAT, None)
+
+
+@pytest.mark.statistical
+def test_uploads_do_not_correlate_with_the_update(contexts) -> None:  # type: ignore[no-untyped-def]
+    """Ciphertext bytes (as uint64 words) vs a distinctive update: |r| < 6/sqrt(L), false-positive ~2e-9."""
+    secret, _ = contexts["float"]
+    rng = np.random.default_rng(8)
+    x = np.sign(rng.standard_normal(8000)) * 0.9
+    up = ckks.encrypt_update(secret, FLOAT, x, 1, run_id=RUN, round_number=2, sender=1, key_id=KEY)
+    body = up[ckks.HEADER_BYTES :]
+    words = np.frombuffer(body[: (len(body) // 8) * 8], dtype="<u8").astype(np.float64)
+    m = min(words.size, x.size)
+    r = np.corrcoef(words[:m], x[:m])[0, 1]
+    assert abs(r) < 6 / np.sqrt(m)
+    assert x.astype("<f8").tobytes()[:16] not in up

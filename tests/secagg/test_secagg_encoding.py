@@ -129,3 +129,15 @@ def test_config_validation_names_the_bad_value() -> None:
         MaskingConfig(threshold=2, modulus_bits=64, scale=2.0**60)
     with pytest.raises(ConfigError, match="clients fit"):
         MaskingConfig(threshold=4, modulus_bits=32, scale=2.0**30)
+
+
+def test_configs_from_run_config_mappings() -> None:
+    from secagg.config import CkksConfig, ckks_config_from_mapping, masking_config_from_mapping
+
+    cfg = masking_config_from_mapping({"threshold": 3, "neighbourhood_size": 4, "modulus_bits": 64})
+    assert cfg == MaskingConfig(threshold=3, neighbourhood_size=4, modulus_bits=64)
+    with pytest.raises(ConfigError, match="unknown MaskingConfig keys \\['thresh'\\]"):
+        masking_config_from_mapping({"thresh": 3})
+    assert ckks_config_from_mapping({"coeff_mod_bit_sizes": [60, 40, 60]}) == CkksConfig(
+        coeff_mod_bit_sizes=(60, 40, 60)
+    )

@@ -117,3 +117,14 @@ def test_advertise_request_round_trip_and_server_id_refused() -> None:
         wire.decode_advertise_request(wire.encode_advertise_request(bad))
     with pytest.raises(MessageRejected, match="trailing"):
         wire.decode_advertise_request(wire.encode_advertise_request(req) + b"\x00")
+
+
+def test_secagg_library_never_imports_flwr() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, secagg.masking, secagg.ckks, secagg.encoding, secagg.wire; "
+        "sys.exit(1 if any(m == 'flwr' or m.startswith('flwr.') for m in sys.modules) else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
