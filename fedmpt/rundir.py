@@ -29,6 +29,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -136,11 +137,17 @@ class RoundRecord:
             "clients_failed": [f.to_json() for f in self.clients_failed],
             "bytes_down": int(self.bytes_down),
             "bytes_up": int(self.bytes_up),
-            "global": {k: float(v) for k, v in self.global_metrics.items()},
-            "clients": {str(k): {m: float(v) for m, v in ms.items()} for k, ms in self.clients.items()},
+            "global": {k: _json_float(v) for k, v in self.global_metrics.items()},
+            "clients": {str(k): {m: _json_float(v) for m, v in ms.items()} for k, ms in self.clients.items()},
             "epsilon": None if self.epsilon is None else float(self.epsilon),
             **dict(self.extra),
         }
+
+
+def _json_float(value: float) -> float | None:
+    """``value`` as a float, or ``None`` (JSON null) if not finite (e.g. mAP of a split without positives)."""
+    number = float(value)
+    return number if math.isfinite(number) else None
 
 
 _RECORD_KEYS = frozenset(

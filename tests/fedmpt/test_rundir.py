@@ -105,6 +105,22 @@ def test_rounds_metrics_and_checkpoints_round_trip(tmp_path: Path) -> None:
         run.complete_round(_record(3), _arrays(3))
 
 
+def test_undefined_metric_written_as_null() -> None:
+    record = RoundRecord(
+        round=1,
+        wall_time_s=0.0,
+        clients_sampled=(0,),
+        clients_replied=(0,),
+        clients_failed=(),
+        bytes_down=0,
+        bytes_up=0,
+        global_metrics={"mAP": float("nan"), "OF1": 0.5},
+        clients={0: {"mAP": float("inf")}},
+    )
+    assert json.loads(json.dumps(record.to_json()))["global"] == {"mAP": None, "OF1": 0.5}
+    assert record.to_json()["clients"] == {"0": {"mAP": None}}
+
+
 def test_out_of_order_round_rejected(tmp_path: Path) -> None:
     run = RunDirectory.create(CONFIG, seed=1, root=tmp_path, name="r")
     with pytest.raises(RunDirectoryError, match="expected round 1, got round 2"):

@@ -1,0 +1,54 @@
+"""The Flower ClientApp of fedmpt: a thin adapter from Flower messages to :mod:`fedmpt.apps.task`.
+
+Each handler reads the run config and the node config (its partition) once, loads the client's own data,
+calls the task, and moves arrays and metrics in Flower records. Images and labels never leave the client:
+a reply carries only the trainable state (``train``) or metrics (``evaluate``). Protocol:
+:mod:`fedmpt.apps.messages`.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmpt.apps import task
+from fedmpt.apps.config import read_app_config, read_node_config
+from fedmpt.apps.messages import Key, RecordName, from_array_record, to_array_record
+
+app = ClientApp()
+
+
+def _client_data(context: Context) -> tuple[task.TaskConfig, int, task.ClientData]:
+    config = read_app_config(context.run_config)
+    node = read_node_config(context.node_config)
+    data = task.load_client_data(config.task, node.partition_id, node.num_partitions, config.federation.seed)
+    return config.task, node.partition_id, data
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node serves."""
+    node = read_node_config(context.node_config)
+    reply = ConfigRecord({Key.PARTITION_ID: node.partition_id, Key.NUM_PARTITIONS: node.num_partitions})
+    return Message(RecordDict({RecordName.CONFIG: reply}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training from the received global state; reply with the local state and the example count."""
+    task_config, partition_id, data = _client_data(context)
+    global_arrays = from_array_record(msg.content.array_records[RecordName.ARRAYS])
+    local_arrays, num_examples, train_metrics = task.client_update(global_arrays, data, task_config)
+    metrics = MetricRecord({**train_metrics, Key.NUM_EXAMPLES: num_examples, Key.PARTITION_ID: partition_id})
+    content = RecordDict({RecordName.ARRAYS: to_array_record(local_arrays), RecordName.METRICS: metrics})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global state on this client's own test split."""
+    _, partition_id, data = _client_data(context)
+    global_arrays = from_array_record(msg.content.array_records[RecordName.ARRAYS])
+    metrics: dict[str, MetricRecordValues] = {**task.evaluate(global_arrays, data.test)}
+    metrics[Key.PARTITION_ID] = partition_id
+    return Message(RecordDict({RecordName.METRICS: MetricRecord(metrics)}), reply_to=msg)

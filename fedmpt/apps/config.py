@@ -1,0 +1,160 @@
+"""The run config of the Flower apps, read once into frozen, validated dataclasses.
+
+Flower hands both apps ``context.run_config``: the ``[tool.flwr.app.config]`` defaults of ``pyproject.toml``
+fused with the ``--run-config`` overrides (flat keys, values bool/int/float/str). :func:`read_app_config`
+turns it into an :class:`AppConfig` once per app start: unknown keys are rejected listing the known ones,
+missing keys take the defaults below (which a test keeps equal to the pyproject defaults), and every value
+is range-checked with the key and the value in the message. Key names follow Flower's conventions where one
+exists (``num-server-rounds``, ``fraction-train``, ``fraction-evaluate``); the task's own keys come from
+:data:`fedmpt.apps.task.TASK_DEFAULTS`.
+
+The node config (``--node-config`` of a SuperNode, or the simulation's virtual nodes) carries the partition:
+``partition-id`` and ``num-partitions``, read by :func:`read_node_config`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fedmpt.apps.task import TASK_DEFAULTS, TaskConfig, task_config_from
+from fedmpt.errors import ConfigError
+from fedmpt.rundir import check_run_name
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Server-side settings of the federated run (Flower's key names where they exist).
+
+    A round samples ``max(min_clients, floor(fraction_train * n))`` of the n available clients and proceeds
+    when at least ``min_clients`` of them reply within ``round_timeout_s``; the others are recorded as failed.
+    """
+
+    num_server_rounds: int = 10
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_clients: int = 2
+    round_timeout_s: float = 120.0
+    wait_for_clients_s: float = 60.0
+    seed: int = 0
+    run_name: str = ""
+    runs_dir: str = "runs"
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        _int("num-server-rounds", self.num_server_rounds, 1)
+        _fraction("fraction-train", self.fraction_train)
+        _fraction("fraction-evaluate", self.fraction_evaluate)
+        _int("min-clients", self.min_clients, 1)
+        _positive("round-timeout-s", self.round_timeout_s)
+        _positive("wait-for-clients-s", self.wait_for_clients_s)
+        _int("seed", self.seed, 0)
+        if not isinstance(self.run_name, str):
+            raise ConfigError(f"run config 'run-name' must be a string, got {self.run_name!r}")
+        if self.run_name:
+            check_run_name(self.run_name)
+        if not isinstance(self.runs_dir, str) or not self.runs_dir:
+            raise ConfigError(f"run config 'runs-dir' must be a non-empty path, got {self.runs_dir!r}")
+        if not isinstance(self.resume, bool):
+            raise ConfigError(f"run config 'resume' must be true or false, got {self.resume!r}")
+        if self.resume and not self.run_name:
+            raise ConfigError("run config 'resume' = true needs 'run-name' (the run directory to continue)")
+
+    @property
+    def runs_path(self) -> Path:
+        return Path(self.runs_dir).expanduser()
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Everything the apps read from the run config: the federation and the task settings."""
+
+    federation: FederationConfig
+    task: TaskConfig
+    resolved: Mapping[str, Any]  # the full flat run config with defaults filled in (written to config.json)
+
+    def identity(self) -> dict[str, Any]:
+        """The resolved config minus keys that do not change the result (run name, directory, resume)."""
+        return {k: v for k, v in self.resolved.items() if k not in _BOOKKEEPING_KEYS}
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The partition a SuperNode serves: ``partition-id`` in [0, ``num-partitions``)."""
+
+    partition_id: int
+    num_partitions: int
+
+    def __post_init__(self) -> None:
+        _int("num-partitions", self.num_partitions, 1, where="node config")
+        _int("partition-id", self.partition_id, 0, where="node config")
+        if self.partition_id >= self.num_partitions:
+            raise ConfigError(
+                f"node config 'partition-id' must be < num-partitions={self.num_partitions}, "
+                f"got {self.partition_id}"
+            )
+
+
+def _key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+FEDERATION_DEFAULTS: dict[str, Any] = {_key(f.name): f.default for f in fields(FederationConfig)}
+DEFAULTS: dict[str, Any] = {**FEDERATION_DEFAULTS, **TASK_DEFAULTS}
+KNOWN_KEYS: tuple[str, ...] = tuple(sorted(DEFAULTS))
+_BOOKKEEPING_KEYS = frozenset({"run-name", "runs-dir", "resume"})
+
+
+def _int(key: str, value: object, low: int, *, where: str = "run config") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{where} {key!r} must be an integer >= {low}, got {value!r}")
+
+
+def _fraction(key: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value <= 1.0:
+        raise ConfigError(f"run config {key!r} must be a number in (0, 1], got {value!r}")
+
+
+def _positive(key: str, value: object) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise ConfigError(f"run config {key!r} must be a finite number > 0, got {value!r}")
+
+
+def read_app_config(run_config: Mapping[str, Any]) -> AppConfig:
+    """Validate Flower's flat run config into an :class:`AppConfig` (missing keys take :data:`DEFAULTS`).
+
+    Raises:
+        ConfigError: an unknown key (the message lists the known ones) or a value of the wrong type or range.
+    """
+    unknown = sorted(set(run_config) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown run config key(s) {unknown}; known keys: {', '.join(KNOWN_KEYS)}")
+    resolved = {**DEFAULTS, **dict(run_config)}
+    federation_kwargs: dict[str, Any] = {}
+    for f in fields(FederationConfig):
+        value = resolved[_key(f.name)]
+        if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # TOML and --run-config write 1 for 1.0
+        federation_kwargs[f.name] = value
+    federation = FederationConfig(**federation_kwargs)
+    task = task_config_from({k: resolved[k] for k in TASK_DEFAULTS})
+    return AppConfig(federation=federation, task=task, resolved=resolved)
+
+
+def read_node_config(node_config: Mapping[str, Any]) -> NodeConfig:
+    """The partition of this node from its node config (``partition-id``, ``num-partitions``).
+
+    Raises:
+        ConfigError: a key is missing or out of range (the message names it).
+    """
+    missing = [k for k in ("partition-id", "num-partitions") if k not in node_config]
+    if missing:
+        raise ConfigError(
+            f"node config lacks {missing}; start the SuperNode with "
+            f'--node-config "partition-id=<k> num-partitions=<n>", got {dict(node_config)!r}'
+        )
+    return NodeConfig(partition_id=node_config["partition-id"], num_partitions=node_config["num-partitions"])

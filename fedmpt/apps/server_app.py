@@ -1,0 +1,322 @@
+"""The Flower ServerApp of fedmpt: the round loop over Flower's ``Grid`` (Message API), a thin adapter.
+
+One round (``r``):
+
+1. wait until at least ``min-clients`` nodes are connected (``wait-for-clients-s``), and ask every node not
+   seen before for its partition (``query``), so clients are identified by partition id, not node id;
+2. sample ``max(min-clients, floor(fraction-train * n))`` of the n available clients with
+   :func:`fedmpt.partition.sample_participants` (a pure function of (seed, r): a resumed run samples the
+   same clients);
+3. send the global state to each (``train``), wait up to ``round-timeout-s``; a client that errors, times
+   out or replies malformed is recorded in ``clients_failed`` with its node id and the reason;
+4. if at least ``min-clients`` replied, aggregate their states (:func:`fedmpt.apps.task.aggregate`, clients in
+   partition order so the floating-point sum is reproducible); otherwise keep the previous state and record
+   the round with ``status = "insufficient-replies"``;
+5. evaluate the new state on the global test split (server) and on the clients' own test splits
+   (``evaluate`` to a ``fraction-evaluate`` sample); write the round to the run directory
+   (:class:`fedmpt.rundir.RunDirectory`: checkpoint, ``metrics.jsonl`` line, state).
+
+A restarted server with ``resume = true`` and the same ``run-name`` continues after the last completed round
+and produces the same result as an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from numpy.typing import NDArray
+
+from fedmpt.apps import task
+from fedmpt.apps.config import AppConfig, read_app_config
+from fedmpt.apps.messages import Key, RecordName, from_array_record, to_array_record
+from fedmpt.errors import FedMPTError
+from fedmpt.partition import sample_participants
+from fedmpt.rundir import ClientFailure, RoundRecord, RunDirectory
+
+# A child of Flower's logger, so that progress reaches `flwr run --stream` and the simulation's console.
+logger = logging.getLogger("flwr.fedmpt.server")
+
+app = ServerApp()
+
+_POLL_S = 0.5
+_QUERY_TIMEOUT_S = 60.0
+_PROGRESS_KEYS = ("mAP", "CF1", "OF1")
+
+
+class FederationError(FedMPTError):
+    """The federation cannot go on (too few clients connected, conflicting partitions)."""
+
+
+@dataclass(frozen=True)
+class _Reply:
+    client_id: int
+    node_id: int
+    arrays: dict[str, NDArray[Any]] | None
+    metrics: dict[str, float]
+    bytes_up: int
+
+
+@dataclass
+class _Roster:
+    """What the server knows about nodes: node id -> partition (client) id."""
+
+    partition_of: dict[int, int]
+
+    def available(self, node_ids: Iterable[int]) -> dict[int, int]:
+        """client id -> node id of the connected nodes whose partition is known."""
+        out: dict[int, int] = {}
+        for node_id in sorted(node_ids):
+            client_id = self.partition_of.get(node_id)
+            if client_id is None:
+                continue
+            if client_id in out:
+                raise FederationError(
+                    f"nodes {out[client_id]} and {node_id} both serve partition-id {client_id}; "
+                    "give every SuperNode its own partition-id"
+                )
+            out[client_id] = node_id
+        return out
+
+
+def _wait_for_nodes(grid: Grid, minimum: int, wait_s: float) -> list[int]:
+    deadline = time.monotonic() + wait_s
+    while True:
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) >= minimum:
+            return node_ids
+        if time.monotonic() >= deadline:
+            raise FederationError(
+                f"only {len(node_ids)} node(s) connected after {wait_s:.0f} s, min-clients is {minimum}"
+            )
+        time.sleep(_POLL_S)
+
+
+def _discover(grid: Grid, roster: _Roster, node_ids: list[int], server_round: int) -> None:
+    unknown = [n for n in node_ids if n not in roster.partition_of]
+    if not unknown:
+        return
+    messages = [
+        Message(
+            RecordDict({RecordName.CONFIG: ConfigRecord()}),
+            dst_node_id=n,
+            message_type=MessageType.QUERY,
+            group_id=f"query-{server_round}",
+        )
+        for n in unknown
+    ]
+    for reply in grid.send_and_receive(messages, timeout=_QUERY_TIMEOUT_S):
+        node_id = reply.metadata.src_node_id
+        if reply.has_error():
+            logger.warning("node %s did not say its partition: %s", node_id, reply.error.reason)
+            continue
+        config = reply.content.config_records.get(RecordName.CONFIG, ConfigRecord())
+        partition_id = config.get(Key.PARTITION_ID)
+        if isinstance(partition_id, int) and not isinstance(partition_id, bool):
+            roster.partition_of[node_id] = partition_id
+        else:
+            logger.warning("node %s replied without a valid partition-id: %r", node_id, partition_id)
+
+
+def _exchange(
+    grid: Grid,
+    message_type: str,
+    targets: Mapping[int, int],
+    arrays: ArrayRecord,
+    server_round: int,
+    timeout_s: float,
+    expect_arrays: Mapping[str, tuple[int, ...]] | None,
+) -> tuple[list[_Reply], list[ClientFailure], int]:
+    """Send ``arrays`` to every client in ``targets`` (client id -> node id); collect replies and failures."""
+    messages = [
+        Message(
+            RecordDict(
+                {RecordName.ARRAYS: arrays, RecordName.CONFIG: ConfigRecord({Key.SERVER_ROUND: server_round})}
+            ),
+            dst_node_id=node_id,
+            message_type=message_type,
+            group_id=str(server_round),
+        )
+        for node_id in targets.values()
+    ]
+    bytes_down = arrays.count_bytes() * len(messages)
+    client_of = {node_id: client_id for client_id, node_id in targets.items()}
+    replies: list[_Reply] = []
+    failures: list[ClientFailure] = []
+    answered: set[int] = set()
+    for reply in grid.send_and_receive(messages, timeout=timeout_s):
+        node_id = reply.metadata.src_node_id
+        if node_id not in client_of or node_id in answered:
+            logger.warning("ignoring an unexpected %s reply from node %s", message_type, node_id)
+            continue
+        answered.add(node_id)
+        client_id = client_of[node_id]
+        if reply.has_error():
+            failures.append(
+                ClientFailure(node_id, f"error {reply.error.code}: {reply.error.reason}", client_id=client_id)
+            )
+            continue
+        problem, parsed = _parse_reply(reply, expect_arrays)
+        if problem:
+            failures.append(ClientFailure(node_id, f"malformed reply: {problem}", client_id=client_id))
+            continue
+        reply_arrays, metrics, bytes_up = parsed
+        replies.append(_Reply(client_id, node_id, reply_arrays, metrics, bytes_up))
+    for node_id, client_id in client_of.items():
+        if node_id not in answered:
+            failures.append(ClientFailure(node_id, f"no reply within {timeout_s:g} s", client_id=client_id))
+    replies.sort(key=lambda r: r.client_id)
+    failures.sort(key=lambda f: (f.client_id if f.client_id is not None else -1, f.node_id))
+    return replies, failures, bytes_down
+
+
+def _parse_reply(
+    reply: Message, expect_arrays: Mapping[str, tuple[int, ...]] | None
+) -> tuple[str, tuple[dict[str, NDArray[Any]] | None, dict[str, float], int]]:
+    metric_records = reply.content.metric_records
+    if RecordName.METRICS not in metric_records:
+        return "no metrics record", (None, {}, 0)
+    metrics = {
+        k: float(v) for k, v in metric_records[RecordName.METRICS].items() if isinstance(v, int | float)
+    }
+    if expect_arrays is None:
+        return "", (None, metrics, 0)
+    record = reply.content.array_records.get(RecordName.ARRAYS)
+    if record is None:
+        return "no arrays record", (None, metrics, 0)
+    arrays = from_array_record(record)
+    shapes = {name: tuple(a.shape) for name, a in arrays.items()}
+    if shapes != dict(expect_arrays):
+        return f"arrays {shapes} differ from the global state {dict(expect_arrays)}", (None, metrics, 0)
+    if not all(np.all(np.isfinite(a)) for a in arrays.values()):
+        return "non-finite values in the arrays", (None, metrics, 0)
+    if metrics.get(Key.NUM_EXAMPLES, 0.0) <= 0:
+        return f"{Key.NUM_EXAMPLES} must be > 0, got {metrics.get(Key.NUM_EXAMPLES)}", (None, metrics, 0)
+    return "", (arrays, metrics, record.count_bytes())
+
+
+def _format_progress(record: RoundRecord, total_rounds: int) -> str:
+    scores = " ".join(
+        f"{k} {100 * record.global_metrics[k]:.1f}" for k in _PROGRESS_KEYS if k in record.global_metrics
+    )
+    failed = ", ".join(f"{f.client_id}({f.reason})" for f in record.clients_failed) or "none"
+    return (
+        f"[round {record.round}/{total_rounds}] replied {len(record.clients_replied)}/"
+        f"{len(record.clients_sampled)} | global {scores} | failed: {failed} | {record.wall_time_s:.1f} s"
+    )
+
+
+def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
+    """Run (or resume) the federation described by ``config`` over ``grid``; returns its run directory."""
+    fed = config.federation
+    run = RunDirectory.create_or_resume(
+        config.identity(), fed.seed, root=fed.runs_path, name=fed.run_name or None, resume=fed.resume
+    )
+    logger.info("fedmpt run directory: %s", run.path.resolve())
+    point = run.resume()
+    if point.finished:
+        logger.info("run %s is already finished (%d rounds); nothing to do", run.path, point.round)
+        return run
+    arrays = point.arrays if point.arrays is not None else task.initial_arrays(config.task, fed.seed)
+    if point.round:
+        logger.info("resuming after round %d of %d", point.round, fed.num_server_rounds)
+    global_test = task.load_global_test(config.task, fed.seed)
+    roster = _Roster(partition_of={})
+    for server_round in range(point.round + 1, fed.num_server_rounds + 1):
+        started = time.monotonic()
+        node_ids = _wait_for_nodes(grid, fed.min_clients, fed.wait_for_clients_s)
+        _discover(grid, roster, node_ids, server_round)
+        available = roster.available(node_ids)
+        if len(available) < fed.min_clients:
+            raise FederationError(
+                f"round {server_round}: {len(available)} client(s) with a known partition, "
+                f"min-clients is {fed.min_clients}"
+            )
+        client_ids = sorted(available)
+        chosen = sample_participants(
+            len(client_ids), fed.fraction_train, server_round, fed.seed, fed.min_clients
+        )
+        targets = {client_ids[i]: available[client_ids[i]] for i in chosen}
+        shapes = {name: tuple(a.shape) for name, a in arrays.items()}
+        replies, failures, bytes_down = _exchange(
+            grid,
+            MessageType.TRAIN,
+            targets,
+            to_array_record(arrays),
+            server_round,
+            fed.round_timeout_s,
+            shapes,
+        )
+        bytes_up = sum(r.bytes_up for r in replies)
+        extra: dict[str, Any] = {"status": "ok"}
+        if len(replies) >= fed.min_clients:
+            arrays = task.aggregate(
+                [(r.arrays, int(r.metrics[Key.NUM_EXAMPLES])) for r in replies if r.arrays is not None]
+            )
+            extra["train"] = {str(r.client_id): r.metrics for r in replies}
+        else:
+            extra["status"] = "insufficient-replies"
+            logger.warning(
+                "round %d: %d of %d sampled clients replied, min-clients is %d; global state unchanged",
+                server_round,
+                len(replies),
+                len(targets),
+                fed.min_clients,
+            )
+        global_metrics = task.evaluate(arrays, global_test)
+        eval_chosen = sample_participants(
+            len(client_ids),
+            fed.fraction_evaluate,
+            server_round,
+            fed.seed + 1,
+            min(fed.min_clients, len(client_ids)),
+        )
+        eval_targets = {client_ids[i]: available[client_ids[i]] for i in eval_chosen}
+        eval_replies, eval_failures, eval_bytes = _exchange(
+            grid,
+            MessageType.EVALUATE,
+            eval_targets,
+            to_array_record(arrays),
+            server_round,
+            fed.round_timeout_s,
+            None,
+        )
+        if eval_failures:
+            extra["evaluate_failed"] = [f.to_json() for f in eval_failures]
+        record = RoundRecord(
+            round=server_round,
+            wall_time_s=time.monotonic() - started,
+            clients_sampled=tuple(sorted(targets)),
+            clients_replied=tuple(r.client_id for r in replies),
+            clients_failed=tuple(failures),
+            bytes_down=bytes_down + eval_bytes,
+            bytes_up=bytes_up,
+            global_metrics=global_metrics,
+            clients={str(r.client_id): r.metrics for r in eval_replies},
+            extra=extra,
+        )
+        run.complete_round(
+            record,
+            arrays,
+            rng_state={
+                "sampler": "sample_participants(seed, round)",
+                "seed": fed.seed,
+                "next_round": server_round + 1,
+            },
+        )
+        logger.info("%s", _format_progress(record, fed.num_server_rounds))
+    run.finish(arrays)
+    logger.info("fedmpt run finished: %s", run.path.resolve())
+    return run
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Flower entry point: read the run config once, then run the federation."""
+    run_federation(grid, read_app_config(context.run_config))
