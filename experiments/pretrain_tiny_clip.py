@@ -57,7 +57,9 @@ def _lr(step: int, total: int, base: float, warmup: int) -> float:
 
 
 def _batch(seed: int, stage: int, step: int, size: int) -> WorldDataset:
-    return WorldDataset(pretraining_distribution(), size, seed=seed, stream=(10 + stage, step), split="pretrain")
+    return WorldDataset(
+        pretraining_distribution(), size, seed=seed, stream=(10 + stage, step), split="pretrain"
+    )
 
 
 def train_image_tower(model: torch.nn.Module, args: argparse.Namespace, log: list[dict]) -> None:
@@ -84,7 +86,9 @@ def train_image_tower(model: torch.nn.Module, args: argparse.Namespace, log: lis
         loss = F.binary_cross_entropy_with_logits(logits[:, :num_cls], labels)
         offset = num_cls
         for f, n in enumerate(sizes):
-            loss = loss + F.cross_entropy(logits[:, offset : offset + n], torch.from_numpy(data.conditions[:, f]))
+            loss = loss + F.cross_entropy(
+                logits[:, offset : offset + n], torch.from_numpy(data.conditions[:, f])
+            )
             offset += n
         dense_logits = tokens @ head.weight[:num_cls].T + head.bias[:num_cls]  # (B, M, K)
         dense_target = (cover.flatten(2).transpose(1, 2) > 0.25).float()
@@ -116,7 +120,9 @@ def train_text_tower(
             img = F.normalize(model.encode_image(data.to_tensor(data.images())), dim=-1)
         caps = [caption(s, rng) for s in data.scenes]
         facts = [scene_facts(s) for s in data.scenes]
-        match = torch.tensor([[c.claims <= f for c in caps] for f in facts], dtype=torch.float32)  # (img, txt)
+        match = torch.tensor(
+            [[c.claims <= f for c in caps] for f in facts], dtype=torch.float32
+        )  # (img, txt)
         tokens = tokenizer([c.text for c in caps])
         used.update(int(t) for t in tokens.unique())
         txt = F.normalize(model.encode_text(tokens), dim=-1)
@@ -128,7 +134,9 @@ def train_text_tower(
         opt.step()
         if step % 50 == 0 or step == args.stage2_steps - 1:
             log.append({"stage": 2, "step": step, "loss": float(loss), "positives": float(match.sum())})
-            print(f"stage 2 step {step:4d} loss {float(loss):.4f} positives/row {float(match.sum())/len(caps):.2f}")
+            print(
+                f"stage 2 step {step:4d} loss {float(loss):.4f} positives/row {float(match.sum()) / len(caps):.2f}"
+            )
 
 
 @torch.no_grad()
@@ -137,11 +145,18 @@ def zero_shot_report(backbone: Backbone, world_seed: int = 0, n: int = 1000) -> 
     accuracy (percent) of "a photo with ..." prompts for each condition factor on the decorrelated split."""
     world = make_federated_world(FederatedWorldConfig(seed=world_seed, global_test_size=n))
     report: dict[str, float] = {}
-    for split, data in (("decorrelated", world.test_decorrelated), ("in_distribution", world.test_in_distribution)):
+    for split, data in (
+        ("decorrelated", world.test_decorrelated),
+        ("in_distribution", world.test_in_distribution),
+    ):
         img = F.normalize(backbone.model.encode_image(data.to_tensor(data.images())), dim=-1)
-        txt = F.normalize(backbone.encode_text(backbone.tokenize([class_prompt(c) for c in data.classnames])), dim=-1)
+        txt = F.normalize(
+            backbone.encode_text(backbone.tokenize([class_prompt(c) for c in data.classnames])), dim=-1
+        )
         scores = (img @ txt.T).numpy()
-        report[f"zero_shot_mAP_{split}"] = 100 * float(average_precision_score(data.labels, scores, average="macro"))
+        report[f"zero_shot_mAP_{split}"] = 100 * float(
+            average_precision_score(data.labels, scores, average="macro")
+        )
         if split == "decorrelated":
             for f, factor in enumerate(CONDITION_FACTORS):
                 prompts = backbone.tokenize(condition_prompts(f))
@@ -171,7 +186,9 @@ def world_vocabulary_ids(tokenizer) -> set[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--stage1-steps", type=int, default=600)
@@ -180,7 +197,9 @@ def main() -> None:
     parser.add_argument("--lr2", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--report", type=Path, default=REPO / "experiments" / "results" / "tiny_clip_pretrain.json")
+    parser.add_argument(
+        "--report", type=Path, default=REPO / "experiments" / "results" / "tiny_clip_pretrain.json"
+    )
     parser.add_argument("--eval-only", action="store_true", help="only report zero-shot numbers of --out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -207,7 +226,11 @@ def main() -> None:
         model,
         args.out,
         sorted(used),
-        {"seed": str(args.seed), "recipe": "lit-siglip-multipositive/1", "args": json.dumps(vars(args), default=str)},
+        {
+            "seed": str(args.seed),
+            "recipe": "lit-siglip-multipositive/1",
+            "args": json.dumps(vars(args), default=str),
+        },
     )
     trained = zero_shot_report(load_backbone(TINY_CLIP, checkpoint=args.out))
     random = zero_shot_report(load_backbone(TINY_CLIP, random_init=True))

@@ -37,10 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fedmpt`` command line; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # Our own loggers speak at INFO; dependencies (open_clip logs at INFO on the root logger) only warn.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("fedmpt", "privacy", "secagg"):
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

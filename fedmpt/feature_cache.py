@@ -126,9 +126,7 @@ def _describe(tensor: torch.Tensor) -> dict[str, Any]:
 def _check_pair(value: object, source: str) -> FeaturePair:
     """Check that ``value`` is a (global, patches) pair of tensors; ``TypeError`` names what is wrong."""
     if not (isinstance(value, tuple | list) and len(value) == 2):
-        raise TypeError(
-            f"{source} must return a (global_features, patch_features) pair, got {type(value).__name__}"
-        )
+        raise TypeError(f"{source} must return a (global_features, patch_features) pair, got {type(value).__name__}")
     global_features, patch_features = value
     for name, tensor in ((TensorName.GLOBAL, global_features), (TensorName.PATCHES, patch_features)):
         if not isinstance(tensor, torch.Tensor):
@@ -205,9 +203,7 @@ class FeatureCache:
             return None
         return tensors[TensorName.GLOBAL], tensors[TensorName.PATCHES]
 
-    def store(
-        self, key: FeatureKey, global_features: torch.Tensor, patch_features: torch.Tensor
-    ) -> FeaturePair:
+    def store(self, key: FeatureKey, global_features: torch.Tensor, patch_features: torch.Tensor) -> FeaturePair:
         """Write the entry of ``key`` atomically; returns the tensors as stored (detached, CPU, contiguous).
 
         Order: remove any old sidecar, write the tensors to a temporary file, fsync, ``os.replace`` it into
@@ -281,10 +277,7 @@ class FeatureCache:
     def _sidecar_problem(self, sidecar: object, key: FeatureKey) -> str | None:
         if not isinstance(sidecar, dict):
             return "sidecar is not a JSON object"
-        if (
-            sidecar.get(SidecarField.FORMAT) != CACHE_FORMAT
-            or sidecar.get(SidecarField.VERSION) != CACHE_VERSION
-        ):
+        if sidecar.get(SidecarField.FORMAT) != CACHE_FORMAT or sidecar.get(SidecarField.VERSION) != CACHE_VERSION:
             return (
                 f"sidecar format {sidecar.get(SidecarField.FORMAT)!r} version "
                 f"{sidecar.get(SidecarField.VERSION)!r}, expected {CACHE_FORMAT!r} version {CACHE_VERSION}"
@@ -315,9 +308,7 @@ def _stack_images(items: Sequence[Any]) -> torch.Tensor:
     images = []
     for item in items:
         if not (isinstance(item, tuple | list) and len(item) >= 1 and isinstance(item[0], torch.Tensor)):
-            raise DatasetError(
-                f"dataset items must be (image_tensor, label) pairs, got {type(item).__name__}"
-            )
+            raise DatasetError(f"dataset items must be (image_tensor, label) pairs, got {type(item).__name__}")
         images.append(item[0])
     try:
         return torch.stack(images)
@@ -372,21 +363,13 @@ def encode_dataset(
                 )
             if patch_features.ndim != 3 or patch_features.shape[0] != batch:
                 raise ValueError(
-                    f"encode_batch patch features must be (B={batch}, M, D), "
-                    f"got {tuple(patch_features.shape)}"
+                    f"encode_batch patch features must be (B={batch}, M, D), got {tuple(patch_features.shape)}"
                 )
             if global_out is None or patches_out is None:
                 with torch.inference_mode(False):
-                    global_out = torch.empty(
-                        (n_images, *global_features.shape[1:]), dtype=global_features.dtype
-                    )
-                    patches_out = torch.empty(
-                        (n_images, *patch_features.shape[1:]), dtype=patch_features.dtype
-                    )
-            if (
-                global_features.shape[1:] != global_out.shape[1:]
-                or patch_features.shape[1:] != patches_out.shape[1:]
-            ):
+                    global_out = torch.empty((n_images, *global_features.shape[1:]), dtype=global_features.dtype)
+                    patches_out = torch.empty((n_images, *patch_features.shape[1:]), dtype=patch_features.dtype)
+            if global_features.shape[1:] != global_out.shape[1:] or patch_features.shape[1:] != patches_out.shape[1:]:
                 raise ValueError(
                     f"encode_batch output shapes changed at image {start}: "
                     f"global {tuple(global_features.shape)}, patches {tuple(patch_features.shape)} "
@@ -396,7 +379,5 @@ def encode_dataset(
             patches_out[start : start + batch].copy_(patch_features)
             start += batch
     if global_out is None or patches_out is None or start != n_images:
-        raise DatasetError(
-            f"encode_dataset: the loader yielded {start} images but len(dataset) is {n_images}"
-        )
+        raise DatasetError(f"encode_dataset: the loader yielded {start} images but len(dataset) is {n_images}")
     return global_out, patches_out

@@ -151,8 +151,7 @@ def precision_recall_f1(predicted: ArrayLike, labels: ArrayLike) -> PrecisionRec
     predicted_array = np.asarray(predicted)
     if predicted_array.dtype != np.bool_ or predicted_array.ndim != 2:
         raise ValueError(
-            f"predicted must be a 2-D boolean matrix, got dtype {predicted_array.dtype}, "
-            f"shape {predicted_array.shape}"
+            f"predicted must be a 2-D boolean matrix, got dtype {predicted_array.dtype}, shape {predicted_array.shape}"
         )
     label_array = _validated_labels(labels, predicted_array.shape)
     positive = label_array == POSITIVE
@@ -164,9 +163,7 @@ def precision_recall_f1(predicted: ArrayLike, labels: ArrayLike) -> PrecisionRec
     cr = float(np.mean(_safe_ratio(tp, tp + fn)))
     op = float(_safe_ratio(np.array(tp.sum()), np.array(tp.sum() + fp.sum())))
     o_r = float(_safe_ratio(np.array(tp.sum()), np.array(tp.sum() + fn.sum())))
-    return PrecisionRecallF1(
-        CP=cp, CR=cr, CF1=_harmonic_mean(cp, cr), OP=op, OR=o_r, OF1=_harmonic_mean(op, o_r)
-    )
+    return PrecisionRecallF1(CP=cp, CR=cr, CF1=_harmonic_mean(cp, cr), OP=op, OR=o_r, OF1=_harmonic_mean(op, o_r))
 
 
 def _check_threshold(threshold: float) -> None:
@@ -294,13 +291,8 @@ def optimistic_best_threshold_f1(
     score_array, label_array = _validated(scores, labels)
     if len(thresholds) == 0:
         raise ConfigError("thresholds must hold at least one value, got an empty sequence")
-    results = [
-        (precision_recall_f1(threshold_predictions(score_array, t), label_array), float(t))
-        for t in thresholds
-    ]
+    results = [(precision_recall_f1(threshold_predictions(score_array, t), label_array), float(t)) for t in thresholds]
     # max() keeps the first maximum, i.e. ties go to the earliest threshold.
     best_cf1, cf1_threshold = max(results, key=lambda item: item[0].CF1)
     best_of1, of1_threshold = max(results, key=lambda item: item[0].OF1)
-    return OptimisticF1(
-        CF1=best_cf1.CF1, CF1_threshold=cf1_threshold, OF1=best_of1.OF1, OF1_threshold=of1_threshold
-    )
+    return OptimisticF1(CF1=best_cf1.CF1, CF1_threshold=cf1_threshold, OF1=best_of1.OF1, OF1_threshold=of1_threshold)

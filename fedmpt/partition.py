@@ -118,14 +118,10 @@ class Partition:
         for k, indices in enumerate(self.client_indices):
             array = np.asarray(indices)
             if array.ndim != 1 or (array.size and not np.issubdtype(array.dtype, np.integer)):
-                raise ConfigError(
-                    f"client {k}: indices must be a 1-D integer array, got {array.dtype} {array.shape}"
-                )
+                raise ConfigError(f"client {k}: indices must be a 1-D integer array, got {array.dtype} {array.shape}")
             cleaned.append(_read_only(np.sort(array.astype(np.int64))))
         all_indices = np.sort(np.concatenate(cleaned)) if cleaned else np.empty(0, np.int64)
-        if all_indices.size != self.num_samples or not np.array_equal(
-            all_indices, np.arange(self.num_samples)
-        ):
+        if all_indices.size != self.num_samples or not np.array_equal(all_indices, np.arange(self.num_samples)):
             counts = np.bincount(all_indices[all_indices >= 0], minlength=self.num_samples)
             missing = np.flatnonzero(counts[: self.num_samples] == 0)[:5].tolist()
             repeated = np.flatnonzero(counts > 1)[:5].tolist()
@@ -143,9 +139,7 @@ class Partition:
         if array.ndim != 1 or (array.size and not np.issubdtype(array.dtype, np.integer)):
             raise ConfigError(f"assignment must be a 1-D integer array, got {array.dtype} {array.shape}")
         if array.size and (array.min() < 0 or array.max() >= num_clients):
-            raise ConfigError(
-                f"assignment values must be in [0, {num_clients - 1}], got {array.min()}..{array.max()}"
-            )
+            raise ConfigError(f"assignment values must be in [0, {num_clients - 1}], got {array.min()}..{array.max()}")
         return cls(tuple(np.flatnonzero(array == k) for k in range(num_clients)), int(array.size))
 
     def __eq__(self, other: object) -> bool:
@@ -154,9 +148,7 @@ class Partition:
         return (
             self.num_samples == other.num_samples
             and self.num_clients == other.num_clients
-            and all(
-                np.array_equal(a, b) for a, b in zip(self.client_indices, other.client_indices, strict=True)
-            )
+            and all(np.array_equal(a, b) for a, b in zip(self.client_indices, other.client_indices, strict=True))
         )
 
     __hash__ = None  # type: ignore[assignment]  # holds arrays; equality is by value
@@ -235,12 +227,9 @@ class LabelClusterModel:
         features = label_cluster_features(labels)
         if features.shape[1] != self.num_classes:
             raise DatasetError(
-                f"labels to assign have {features.shape[1]} classes, the clustering was fitted on "
-                f"{self.num_classes}"
+                f"labels to assign have {features.shape[1]} classes, the clustering was fitted on {self.num_classes}"
             )
-        partition = Partition.from_assignment(
-            self.kmeans.predict(features).astype(np.int64), self.num_clients
-        )
+        partition = Partition.from_assignment(self.kmeans.predict(features).astype(np.int64), self.num_clients)
         empty = [k for k, size in enumerate(partition.sizes()) if size == 0]
         if empty:
             logger.info("label-cluster assign: clients %s receive no image of this split", empty)
@@ -419,14 +408,8 @@ def sample_participants(
         raise ConfigError(f"num_clients must be a positive integer, got {num_clients!r}")
     if not (_is_real(fraction) and 0.0 < fraction <= 1.0):
         raise ConfigError(f"fraction must be in (0, 1], got {fraction!r}")
-    if (
-        isinstance(min_clients, bool)
-        or not isinstance(min_clients, int)
-        or not 1 <= min_clients <= num_clients
-    ):
-        raise ConfigError(
-            f"min_clients must be an integer in [1, num_clients={num_clients}], got {min_clients!r}"
-        )
+    if isinstance(min_clients, bool) or not isinstance(min_clients, int) or not 1 <= min_clients <= num_clients:
+        raise ConfigError(f"min_clients must be an integer in [1, num_clients={num_clients}], got {min_clients!r}")
     if isinstance(round, bool) or not isinstance(round, int) or round < 0:
         raise ConfigError(f"round must be a non-negative integer, got {round!r}")
     count = max(min_clients, math.floor(fraction * num_clients + _FLOOR_SLACK))

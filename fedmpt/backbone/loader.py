@@ -12,12 +12,13 @@ rows of BPE tokens the world uses are stored; the others are filled with the mea
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,18 @@ _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _WEIGHTS_NAME = f"{TINY_CLIP}.safetensors"
 _ROWS_KEY = "token_embedding.rows"
 _VALUES_KEY = "token_embedding.values"
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """Silence open_clip's root-logger chatter (e.g. "No pretrained weights loaded" before we load ours)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def register_model_configs() -> None:
@@ -85,7 +98,8 @@ class Backbone:
     fingerprint: str
 
     @property
-    def model(self) -> nn.Module:
+    def model(self) -> Any:
+        """The open_clip CLIP model (typed ``Any``: open_clip's modules are untyped attribute bags)."""
         return self.clip.model
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
@@ -172,7 +186,7 @@ def save_tiny_clip(model: nn.Module, path: Path, used_token_ids: Sequence[int], 
     """Save a tiny-CLIP state dict keeping only the token-embedding rows in ``used_token_ids`` (fp16 floats)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     table = state.pop("token_embedding.weight")
-    rows = torch.tensor(sorted(set(int(i) for i in used_token_ids)), dtype=torch.int64)
+    rows = torch.tensor(sorted({int(i) for i in used_token_ids}), dtype=torch.int64)
     state[_ROWS_KEY] = rows
     state[_VALUES_KEY] = table[rows].clone()
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
@@ -204,8 +218,9 @@ def _file_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _finish(name: str, source: str, model: nn.Module, preprocess: Any, fingerprint: str) -> Backbone:
-    tokenizer = open_clip.get_tokenizer(name)
+def _finish(name: str, source: str, model: Any, preprocess: Any, fingerprint: str) -> Backbone:
+    with _quiet_root_logger():
+        tokenizer = open_clip.get_tokenizer(name)
     visual = model.visual
     size = visual.image_size
     image_size = int(size[0] if isinstance(size, tuple | list) else size)
@@ -250,13 +265,15 @@ def load_backbone(
     if sum(x is not None and x is not False for x in (pretrained, checkpoint, random_init or None)) > 1:
         raise BackboneUnavailableError("give at most one of pretrained=, checkpoint=, random_init=True")
     if random_init:
-        model, _, preprocess = open_clip.create_model_and_transforms(name)
+        with _quiet_root_logger():
+            model, _, preprocess = open_clip.create_model_and_transforms(name)
         return _finish(name, "random-init", model, preprocess, f"random-init:{name}")
     if name == TINY_CLIP and pretrained is None:
         path = Path(checkpoint) if checkpoint is not None else bundled_weights_path()
         if not path.is_file():
             raise BackboneUnavailableError(f"tiny-CLIP checkpoint {path} does not exist")
-        model, _, preprocess = open_clip.create_model_and_transforms(name)
+        with _quiet_root_logger():
+            model, _, preprocess = open_clip.create_model_and_transforms(name)
         state = _load_tiny_state(path, model.vocab_size)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:

@@ -33,8 +33,7 @@ def _builtin_classnames(dataset: str) -> tuple[str, ...]:
 
     if dataset not in BUILTIN_CLASSNAMES:
         raise ConfigError(
-            f"--dataset {dataset!r} is not a built-in dataset ({sorted(BUILTIN_CLASSNAMES)}); "
-            "give --classes FILE"
+            f"--dataset {dataset!r} is not a built-in dataset ({sorted(BUILTIN_CLASSNAMES)}); give --classes FILE"
         )
     return tuple(BUILTIN_CLASSNAMES[dataset])
 
@@ -87,9 +86,7 @@ def _cmd_derive(args: argparse.Namespace) -> int:
     else:
         stem = args.dataset if args.dataset is not None else Path(args.classes).stem
         output = Path(f"{stem}.conditions.json")
-    cache_dir: Path = (
-        args.cache_dir if args.cache_dir is not None else output.with_name(output.name + ".cache")
-    )
+    cache_dir: Path = args.cache_dir if args.cache_dir is not None else output.with_name(output.name + ".cache")
     cooccurrence: Any = None
     if args.cooccurrence is not None:
         cooccurrence = load_cooccurrence(args.cooccurrence, classnames)
@@ -100,9 +97,7 @@ def _cmd_derive(args: argparse.Namespace) -> int:
         seed=None if args.no_seed else args.seed,
         max_tokens=args.max_tokens,
         timeout_s=args.timeout,
-        retry=RetryPolicy(
-            max_attempts=args.max_attempts, base_delay_s=args.backoff, max_delay_s=args.max_backoff
-        ),
+        retry=RetryPolicy(max_attempts=args.max_attempts, base_delay_s=args.backoff, max_delay_s=args.max_backoff),
         api_key_env=args.api_key_env,
         allow_insecure_http=args.allow_insecure_http,
     )
@@ -117,13 +112,9 @@ def _cmd_derive(args: argparse.Namespace) -> int:
         domain=args.domain or domain_for_dataset(args.dataset),
         seed=args.seed,
     )
-    logger.info(
-        "deriving %d conditions for %d classes with %s; cache %s", args.n, len(classnames), client, cache_dir
-    )
+    logger.info("deriving %d conditions for %d classes with %s; cache %s", args.n, len(classnames), client, cache_dir)
     try:
-        cset = derive_conditions(
-            classnames, client, config, cache_dir, dataset=args.dataset, cooccurrence=cooccurrence
-        )
+        cset = derive_conditions(classnames, client, config, cache_dir, dataset=args.dataset, cooccurrence=cooccurrence)
     except LLMError:
         logger.error("answers received so far are cached in %s; rerun the same command to resume", cache_dir)
         raise
@@ -170,12 +161,8 @@ def register(subparsers: Any) -> None:
         type=Path,
         help="conditions JSON file to write (default: ./<dataset or classes stem>.conditions.json)",
     )
-    p_derive.add_argument(
-        "--cache-dir", type=Path, help="response cache (default: OUTPUT.cache next to the output)"
-    )
-    p_derive.add_argument(
-        "--api-key-env", default="OPENAI_API_KEY", help="env var holding the API key, if any"
-    )
+    p_derive.add_argument("--cache-dir", type=Path, help="response cache (default: OUTPUT.cache next to the output)")
+    p_derive.add_argument("--api-key-env", default="OPENAI_API_KEY", help="env var holding the API key, if any")
     p_derive.add_argument("--budget", type=int, default=200, help="stage-1 requests (class combinations)")
     p_derive.add_argument("--sizes", type=_sizes, default=(2, 3), help="combination sizes (default 2,3)")
     p_derive.add_argument(
@@ -183,25 +170,17 @@ def register(subparsers: Any) -> None:
         type=Path,
         help='aggregate counts {"classnames": [...], "counts": [[...]]} (kept local)',
     )
-    p_derive.add_argument(
-        "--smoothing", type=float, default=0.0, help="pseudo-count added to combination weights"
-    )
+    p_derive.add_argument("--smoothing", type=float, default=0.0, help="pseudo-count added to combination weights")
     p_derive.add_argument("--sentences", type=int, default=3, help="sentences per combination in stage 1")
-    p_derive.add_argument(
-        "--max-descriptions", type=int, default=150, help="stage-1 sentences shown in stage 2"
-    )
-    p_derive.add_argument(
-        "--format-retries", type=int, default=2, help="correction turns after a malformed answer"
-    )
+    p_derive.add_argument("--max-descriptions", type=int, default=150, help="stage-1 sentences shown in stage 2")
+    p_derive.add_argument("--format-retries", type=int, default=2, help="correction turns after a malformed answer")
     p_derive.add_argument("--domain", help="image domain named in the prompts (default from the dataset)")
     p_derive.add_argument("--seed", type=int, default=0, help="sampling seed, also sent to the LLM")
     p_derive.add_argument("--no-seed", action="store_true", help="do not send 'seed' to the LLM")
     p_derive.add_argument("--temperature", type=float, default=0.0)
     p_derive.add_argument("--max-tokens", type=int, default=None)
     p_derive.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
-    p_derive.add_argument(
-        "--max-attempts", type=int, default=5, help="attempts per request (429/5xx/timeouts)"
-    )
+    p_derive.add_argument("--max-attempts", type=int, default=5, help="attempts per request (429/5xx/timeouts)")
     p_derive.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds")
     p_derive.add_argument("--max-backoff", type=float, default=30.0, help="longest retry delay in seconds")
     p_derive.add_argument(

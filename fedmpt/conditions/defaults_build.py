@@ -118,9 +118,7 @@ def build_default(
     ``created`` defaults to the current UTC time in ISO 8601.
     """
     if not note.strip():
-        raise ConditionsError(
-            f"offline default for {dataset!r}: note must say where the conditions come from"
-        )
+        raise ConditionsError(f"offline default for {dataset!r}: note must say where the conditions come from")
     return ConditionSet(
         conditions=tuple(conditions),
         classnames=tuple(classnames),
@@ -166,9 +164,7 @@ def write_default(
     return save_conditions(cset, target)
 
 
-def write_all_defaults(
-    directory: str | Path = DEFAULTS_DIR, datasets: Sequence[str] | None = None
-) -> list[Path]:
+def write_all_defaults(directory: str | Path = DEFAULTS_DIR, datasets: Sequence[str] | None = None) -> list[Path]:
     """(Re)write the default of every built-in dataset (or of ``datasets``) from ``BUILTIN_CLASSNAMES``."""
     from fedmpt.data.classnames import BUILTIN_CLASSNAMES
 
@@ -176,13 +172,9 @@ def write_all_defaults(
     paths = []
     for name in names:
         if name not in DEFAULT_CONDITIONS:
-            raise ConditionsError(
-                f"no default conditions for dataset {name!r}; known: {sorted(DEFAULT_CONDITIONS)}"
-            )
+            raise ConditionsError(f"no default conditions for dataset {name!r}; known: {sorted(DEFAULT_CONDITIONS)}")
         if name not in BUILTIN_CLASSNAMES:
-            raise ConditionsError(
-                f"dataset {name!r} has no class list in fedmpt.data.classnames.BUILTIN_CLASSNAMES"
-            )
+            raise ConditionsError(f"dataset {name!r} has no class list in fedmpt.data.classnames.BUILTIN_CLASSNAMES")
         paths.append(
             write_default(
                 name,
@@ -199,13 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; ``--dataset NAME --classes FILE --conditions a,b,c --note TEXT`` adds one."""
     parser = argparse.ArgumentParser(prog="python -m fedmpt.conditions.defaults_build", description=__doc__)
     parser.add_argument("--directory", type=Path, default=DEFAULTS_DIR, help="output folder")
-    parser.add_argument(
-        "--dataset", help="write only this dataset (a built-in one, or a new one with --classes)"
-    )
+    parser.add_argument("--dataset", help="write only this dataset (a built-in one, or a new one with --classes)")
     parser.add_argument("--classes", type=Path, help="JSON list or one-per-line text file of class names")
-    parser.add_argument(
-        "--conditions", help="comma-separated conditions (for a dataset given with --classes)"
-    )
+    parser.add_argument("--conditions", help="comma-separated conditions (for a dataset given with --classes)")
     parser.add_argument("--note", help="provenance note (for a dataset given with --classes)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -215,9 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error("--classes needs --dataset, --conditions and --note")
             classnames = read_classnames_file(args.classes)
             conditions = [c.strip() for c in args.conditions.split(",")]
-            paths = [
-                write_default(args.dataset, classnames, conditions, note=args.note, directory=args.directory)
-            ]
+            paths = [write_default(args.dataset, classnames, conditions, note=args.note, directory=args.directory)]
         else:
             paths = write_all_defaults(args.directory, None if args.dataset is None else [args.dataset])
     except ConditionsError as err:

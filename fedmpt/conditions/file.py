@@ -107,9 +107,7 @@ def validate_conditions(conditions: Iterable[object], *, where: str = "condition
     seen: dict[str, int] = {}
     for index, raw in enumerate(conditions):
         if not isinstance(raw, str):
-            raise ConditionsError(
-                f"{where}: condition #{index} is {raw!r} ({type(raw).__name__}), not a string"
-            )
+            raise ConditionsError(f"{where}: condition #{index} is {raw!r} ({type(raw).__name__}), not a string")
         if any(unicodedata.category(ch).startswith("C") for ch in raw):
             raise ConditionsError(f"{where}: condition #{index} {raw!r} contains control characters")
         text = " ".join(raw.split())
@@ -118,8 +116,7 @@ def validate_conditions(conditions: Iterable[object], *, where: str = "condition
         n_words = len(text.split(" "))
         if n_words > MAX_CONDITION_WORDS:
             raise ConditionsError(
-                f"{where}: condition #{index} {text!r} has {n_words} words; "
-                f"at most {MAX_CONDITION_WORDS} allowed"
+                f"{where}: condition #{index} {text!r} has {n_words} words; at most {MAX_CONDITION_WORDS} allowed"
             )
         if len(text) > MAX_CONDITION_CHARS:
             raise ConditionsError(
@@ -163,15 +160,11 @@ def _validate_provenance(provenance: object, *, where: str) -> Mapping[str, Any]
         )
     created = provenance.get("created")
     if not isinstance(created, str):
-        raise ConditionsError(
-            f"{where}: provenance.created is {created!r}; expected an ISO 8601 timestamp string"
-        )
+        raise ConditionsError(f"{where}: provenance.created is {created!r}; expected an ISO 8601 timestamp string")
     try:
         datetime.fromisoformat(created)
     except ValueError as err:
-        raise ConditionsError(
-            f"{where}: provenance.created {created!r} is not an ISO 8601 timestamp"
-        ) from err
+        raise ConditionsError(f"{where}: provenance.created {created!r} is not an ISO 8601 timestamp") from err
     try:
         # Round-trip through JSON: guarantees the mapping is serialisable and yields a private deep copy.
         copied = json.loads(json.dumps(dict(provenance), ensure_ascii=False, allow_nan=False))
@@ -204,9 +197,7 @@ class ConditionSet:
     def __post_init__(self) -> None:
         where = f"conditions for dataset {self.dataset!r}" if self.dataset is not None else "conditions"
         if self.dataset is not None and (not isinstance(self.dataset, str) or not self.dataset.strip()):
-            raise ConditionsError(
-                f"{where}: dataset must be a non-empty string or None, got {self.dataset!r}"
-            )
+            raise ConditionsError(f"{where}: dataset must be a non-empty string or None, got {self.dataset!r}")
         if isinstance(self.conditions, str):
             raise ConditionsError(
                 f"{where}: conditions must be a sequence of strings, got the string {self.conditions!r}"
@@ -260,9 +251,7 @@ class ConditionSet:
             if len(expected) != len(self.classnames):
                 parts.append(f"{len(self.classnames)} names in the file vs {len(expected)} expected")
             else:
-                pos = next(
-                    i for i, (a, b) in enumerate(zip(self.classnames, expected, strict=True)) if a != b
-                )
+                pos = next(i for i, (a, b) in enumerate(zip(self.classnames, expected, strict=True)) if a != b)
                 parts.append(
                     f"same names in another order: position {pos} is {self.classnames[pos]!r} in the file "
                     f"but {expected[pos]!r} expected"
@@ -291,9 +280,7 @@ class ConditionSet:
             raise ConditionsError(f"{where}: format is {fmt!r}, expected {FORMAT_NAME!r}")
         version = data.get(_Field.VERSION.value)
         if version != FORMAT_VERSION or isinstance(version, bool):
-            raise ConditionsError(
-                f"{where}: version is {version!r}; this fedmpt reads version {FORMAT_VERSION}"
-            )
+            raise ConditionsError(f"{where}: version is {version!r}; this fedmpt reads version {FORMAT_VERSION}")
         known = {f.value for f in _Field}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -340,9 +327,7 @@ def _read_json(text: str, *, where: str) -> object:
         raise ConditionsError(f"{where}: not valid JSON ({err})") from err
 
 
-def load_conditions(
-    path_or_name: str | os.PathLike[str], classnames: Sequence[str] | None = None
-) -> ConditionSet:
+def load_conditions(path_or_name: str | os.PathLike[str], classnames: Sequence[str] | None = None) -> ConditionSet:
     """Load and validate a conditions file, or a packaged default by its dataset name.
 
     A ``str`` equal to a name of :func:`builtin_condition_names` (e.g. ``"voc2007"``) loads the packaged
@@ -359,11 +344,7 @@ def load_conditions(
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError as err:
             hint = ""
-            if (
-                isinstance(path_or_name, str)
-                and os.sep not in path_or_name
-                and not path_or_name.endswith(".json")
-            ):
+            if isinstance(path_or_name, str) and os.sep not in path_or_name and not path_or_name.endswith(".json"):
                 hint = f" (and not a built-in name: {list(builtin_condition_names())})"
             raise ConditionsError(f"{where}: no such file{hint}") from err
         except (OSError, UnicodeDecodeError) as err:

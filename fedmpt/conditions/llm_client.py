@@ -102,8 +102,7 @@ class RetryPolicy:
             raise ConfigError(f"RetryPolicy.base_delay_s must be >= 0, got {self.base_delay_s!r}")
         if not self.max_delay_s >= self.base_delay_s:
             raise ConfigError(
-                f"RetryPolicy.max_delay_s must be >= base_delay_s ({self.base_delay_s}), "
-                f"got {self.max_delay_s!r}"
+                f"RetryPolicy.max_delay_s must be >= base_delay_s ({self.base_delay_s}), got {self.max_delay_s!r}"
             )
         if not 0 <= self.jitter < 1:
             raise ConfigError(f"RetryPolicy.jitter must be in [0, 1), got {self.jitter!r}")
@@ -252,9 +251,7 @@ class ChatClient:
                     f"refusing to send the API key from ${config.api_key_env} over plain http to "
                     f"{parsed.hostname!r}; use https, a loopback endpoint, or allow_insecure_http=True"
                 )
-            logger.warning(
-                "sending the API key over plain http to %s (allow_insecure_http is on)", parsed.hostname
-            )
+            logger.warning("sending the API key over plain http to %s (allow_insecure_http is on)", parsed.hostname)
 
     def __repr__(self) -> str:
         key_state = "set" if self.__api_key else "unset"
@@ -324,9 +321,7 @@ class ChatClient:
         try:
             data = json.loads(payload.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise LLMResponseError(
-                f"{where} answered with a body that is not JSON: {_snippet(payload)!r}"
-            ) from err
+            raise LLMResponseError(f"{where} answered with a body that is not JSON: {_snippet(payload)!r}") from err
         try:
             choice = data["choices"][0]
             content = choice["message"]["content"]
@@ -370,8 +365,7 @@ class ChatClient:
                 reasons.append(str(err))
                 if attempt >= policy.max_attempts:
                     raise LLMUnavailableError(
-                        f"LLM endpoint {self.config.url}: {attempt} attempts failed; "
-                        f"last error: {reasons[-1]}"
+                        f"LLM endpoint {self.config.url}: {attempt} attempts failed; last error: {reasons[-1]}"
                     ) from err
                 delay = policy.delay(retries, self._rng)
                 if err.retry_after_s is not None:

@@ -120,21 +120,14 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.n_conditions, int) or not 1 <= self.n_conditions <= 32:
             raise ConfigError(f"n_conditions must be an int in [1, 32], got {self.n_conditions!r}")
-        if (
-            not isinstance(self.sentences_per_combination, int)
-            or not 1 <= self.sentences_per_combination <= 20
-        ):
-            raise ConfigError(
-                f"sentences_per_combination must be in [1, 20], got {self.sentences_per_combination!r}"
-            )
+        if not isinstance(self.sentences_per_combination, int) or not 1 <= self.sentences_per_combination <= 20:
+            raise ConfigError(f"sentences_per_combination must be in [1, 20], got {self.sentences_per_combination!r}")
         if not isinstance(self.max_stage2_descriptions, int) or self.max_stage2_descriptions < 1:
             raise ConfigError(f"max_stage2_descriptions must be >= 1, got {self.max_stage2_descriptions!r}")
         if not isinstance(self.format_retries, int) or self.format_retries < 0:
             raise ConfigError(f"format_retries must be an int >= 0, got {self.format_retries!r}")
         if not self.domain.strip():
-            raise ConfigError(
-                "domain must be a non-empty description of the images, e.g. 'natural photographs'"
-            )
+            raise ConfigError("domain must be a non-empty description of the images, e.g. 'natural photographs'")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be an int >= 0, got {self.seed!r}")
 
@@ -235,13 +228,9 @@ def parse_condition_list(text: str, n_conditions: int, classnames: Sequence[str]
         raise MalformedAnswerError("the answer does not end with a JSON list of strings", text)
     final = lists[-1]
     if not isinstance(final, list) or not all(isinstance(x, str) for x in final):
-        raise MalformedAnswerError(
-            f"the final JSON list {json.dumps(final)[:200]} is not a list of strings", text
-        )
+        raise MalformedAnswerError(f"the final JSON list {json.dumps(final)[:200]} is not a list of strings", text)
     if len(final) != n_conditions:
-        raise MalformedAnswerError(
-            f"the final JSON list has {len(final)} items, expected exactly {n_conditions}", text
-        )
+        raise MalformedAnswerError(f"the final JSON list has {len(final)} items, expected exactly {n_conditions}", text)
     try:
         conditions = validate_conditions(final, where="the final JSON list")
     except ConditionsError as err:
@@ -249,13 +238,9 @@ def parse_condition_list(text: str, n_conditions: int, classnames: Sequence[str]
     labels = {c.replace("_", " ").casefold() for c in classnames}
     for cond in conditions:
         if cond.startswith("<") or cond.endswith(">"):
-            raise MalformedAnswerError(
-                f"the condition {cond!r} is a copied placeholder, not a condition", text
-            )
+            raise MalformedAnswerError(f"the condition {cond!r} is a copied placeholder, not a condition", text)
         if cond.casefold() in labels:
-            raise MalformedAnswerError(
-                f"the condition {cond!r} is a class name, not an abstract condition", text
-            )
+            raise MalformedAnswerError(f"the condition {cond!r} is a class name, not an abstract condition", text)
     return conditions
 
 
@@ -374,9 +359,7 @@ class ConditionsPipeline:
             )
             records.extend(calls)
             if sentences is None:
-                logger.warning(
-                    "stage 1: skipping %s after %d malformed answers: %s", combo, len(calls), error
-                )
+                logger.warning("stage 1: skipping %s after %d malformed answers: %s", combo, len(calls), error)
                 skipped.append(tuple(combo))
             else:
                 results.append((tuple(combo), sentences))
@@ -389,9 +372,7 @@ class ConditionsPipeline:
                     self.n_cache_hits,
                 )
         if not results:
-            raise ConditionsError(
-                f"stage 1: no usable description for any of the {len(combinations)} combinations"
-            )
+            raise ConditionsError(f"stage 1: no usable description for any of the {len(combinations)} combinations")
         return results, records, skipped
 
     def run_stage2(
@@ -447,9 +428,7 @@ class ConditionsPipeline:
         combos = sample_class_combinations(
             names, self.config.sampling, np.random.default_rng(sample_seed), cooccurrence
         )
-        logger.info(
-            "stage 1: %d class combinations sampled (budget %d)", len(combos), self.config.sampling.budget
-        )
+        logger.info("stage 1: %d class combinations sampled (budget %d)", len(combos), self.config.sampling.budget)
         described, stage1_records, skipped = self.run_stage1(combos)
         sentences = [s for _, group in described for s in group]
         conditions, stage2_records = self.run_stage2(sentences, names, np.random.default_rng(subset_seed))

@@ -40,15 +40,11 @@ class PromptTemplate:
         """Fill ``section`` with ``values``; every placeholder must be given
         (``string.Template.substitute``)."""
         if section not in self.sections:
-            raise ConfigError(
-                f"prompt template {self.name!r} has no section {section!r}; has {sorted(self.sections)}"
-            )
+            raise ConfigError(f"prompt template {self.name!r} has no section {section!r}; has {sorted(self.sections)}")
         try:
             return string.Template(self.sections[section]).substitute({k: str(v) for k, v in values.items()})
         except (KeyError, ValueError) as err:
-            raise ConfigError(
-                f"prompt template {self.name!r}, section {section!r}: bad placeholder ({err})"
-            ) from err
+            raise ConfigError(f"prompt template {self.name!r}, section {section!r}: bad placeholder ({err})") from err
 
     def provenance(self) -> dict[str, object]:
         """``{"name", "version", "sha256"}`` for the provenance record."""
@@ -59,9 +55,7 @@ def parse_template(name: str, text: str) -> PromptTemplate:
     """Parse template ``text`` (see the module docstring); ``name`` must look like ``<stage>_v<version>``."""
     match = _NAME_RE.match(name)
     if match is None:
-        raise ConfigError(
-            f"prompt template name {name!r} must look like '<stage>_v<version>', e.g. 'stage1_v1'"
-        )
+        raise ConfigError(f"prompt template name {name!r} must look like '<stage>_v<version>', e.g. 'stage1_v1'")
     sections: dict[str, list[str]] = {}
     current: list[str] | None = None
     for line in text.splitlines():
@@ -86,9 +80,7 @@ def parse_template(name: str, text: str) -> PromptTemplate:
 def load_template(name: str) -> PromptTemplate:
     """Load the packaged template ``templates/<name>.txt``."""
     if _NAME_RE.match(name) is None:
-        raise ConfigError(
-            f"prompt template name {name!r} must look like '<stage>_v<version>', e.g. 'stage1_v1'"
-        )
+        raise ConfigError(f"prompt template name {name!r} must look like '<stage>_v<version>', e.g. 'stage1_v1'")
     resource = resources.files(_TEMPLATES_PACKAGE).joinpath(f"{name}.txt")
     if not resource.is_file():
         available = sorted(

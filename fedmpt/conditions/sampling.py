@@ -88,9 +88,7 @@ def cooccurrence_counts(labels: NDArray[np.generic]) -> NDArray[np.int64]:
 def _check_counts(counts: NDArray[np.generic], n_classes: int, where: str) -> NDArray[np.float64]:
     c = np.asarray(counts, dtype=np.float64)
     if c.shape != (n_classes, n_classes):
-        raise ConditionsError(
-            f"{where}: co-occurrence matrix has shape {c.shape}, expected ({n_classes}, {n_classes})"
-        )
+        raise ConditionsError(f"{where}: co-occurrence matrix has shape {c.shape}, expected ({n_classes}, {n_classes})")
     if not np.isfinite(c).all() or (c < 0).any():
         raise ConditionsError(f"{where}: co-occurrence counts must be finite and >= 0")
     if not np.allclose(c, c.T):
@@ -109,9 +107,7 @@ def load_cooccurrence(path: str | Path, classnames: Sequence[str]) -> NDArray[np
     except json.JSONDecodeError as err:
         raise ConditionsError(f"{where}: not valid JSON ({err})") from err
     if not isinstance(data, dict) or set(data) != {"classnames", "counts"}:
-        raise ConditionsError(
-            f"{where}: expected a JSON object with exactly the keys 'classnames' and 'counts'"
-        )
+        raise ConditionsError(f"{where}: expected a JSON object with exactly the keys 'classnames' and 'counts'")
     if data["classnames"] != list(classnames):
         raise ConditionsError(f"{where}: its class list differs from the one conditions are derived for")
     try:

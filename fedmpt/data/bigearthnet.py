@@ -99,9 +99,7 @@ def read_bigearthnet_rgb(patch_dir: Path, white_point: float = DEFAULT_WHITE_POI
         except (OSError, ValueError, SyntaxError) as exc:
             raise DatasetError(f"cannot read BigEarthNet band file {path}: {exc}") from exc
         if values.ndim != 2:
-            raise DatasetError(
-                f"BigEarthNet band file {path} is not single-band (array shape {values.shape})"
-            )
+            raise DatasetError(f"BigEarthNet band file {path} is not single-band (array shape {values.shape})")
         channels.append(values)
     if len({c.shape for c in channels}) != 1:
         raise DatasetError(
@@ -164,11 +162,7 @@ def load_bigearthnet(
     names = _read_patch_names(split_file)
     if nomenclature == "19":
         classnames = BIGEARTHNET19_CLASSES
-        column = {
-            old: BIGEARTHNET19_CLASSES.index(new)
-            for new, olds in BIGEARTHNET19_FROM_43.items()
-            for old in olds
-        }
+        column = {old: BIGEARTHNET19_CLASSES.index(new) for new, olds in BIGEARTHNET19_FROM_43.items() for old in olds}
     else:
         classnames = BIGEARTHNET43_CLASSES
         column = {name: i for i, name in enumerate(BIGEARTHNET43_CLASSES)}

@@ -40,8 +40,7 @@ def find_data_entry_csv(root: Path, csv_file: str | None) -> Path:
         raise DatasetError(f"ChestX-ray14 data entry CSV not found: no Data_Entry_2017*.csv in {root}")
     if len(found) > 1:
         raise ConfigError(
-            f"several ChestX-ray14 data entry CSVs in {root}: {[p.name for p in found]}; "
-            "pass csv_file= to choose"
+            f"several ChestX-ray14 data entry CSVs in {root}: {[p.name for p in found]}; pass csv_file= to choose"
         )
     return found[0]
 
@@ -61,9 +60,7 @@ def read_data_entry(path: Path) -> dict[str, np.ndarray]:
             columns = [c.strip() for c in reader.fieldnames or ()]
             for required in ("Image Index", "Finding Labels"):
                 if required not in columns:
-                    raise DatasetError(
-                        f"ChestX-ray14 CSV {path} has no column {required!r} (columns: {columns})"
-                    )
+                    raise DatasetError(f"ChestX-ray14 CSV {path} has no column {required!r} (columns: {columns})")
             for line_number, record in enumerate(reader, start=2):
                 record = {(k or "").strip(): (v or "") for k, v in record.items()}
                 image = record["Image Index"].strip()
@@ -110,9 +107,7 @@ def load_chestxray14(
             f"ChestX-ray14 split list {split_file}: {len(missing)} image(s) absent from the data entry CSV, "
             f"first {missing[0]!r}"
         )
-    labels = (
-        np.stack([entries[n] for n in names]) if names else np.zeros((0, len(CHESTXRAY14_CLASSES)), np.int8)
-    )
+    labels = np.stack([entries[n] for n in names]) if names else np.zeros((0, len(CHESTXRAY14_CLASSES)), np.int8)
     images = root / image_dir
     return ImageFileDataset.from_rows(
         name="chestxray14",

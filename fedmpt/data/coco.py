@@ -64,9 +64,7 @@ def coco_labels_from_json(
         row_of = {int(im["id"]): i for i, im in enumerate(images)}
         file_names = [str(im["file_name"]) for im in images]
     except (KeyError, TypeError, ValueError) as exc:
-        raise DatasetError(
-            f"COCO annotation file {source}: malformed image or category record ({exc!r})"
-        ) from exc
+        raise DatasetError(f"COCO annotation file {source}: malformed image or category record ({exc!r})") from exc
     if category_names != COCO_CLASSES:
         unknown = sorted(set(category_names) - set(COCO_CLASSES))
         missing = sorted(set(COCO_CLASSES) - set(category_names))
@@ -82,17 +80,11 @@ def coco_labels_from_json(
             category_id = int(annotation["category_id"])
             crowd = bool(annotation.get("iscrowd", 0))
         except (KeyError, TypeError, ValueError) as exc:
-            raise DatasetError(
-                f"COCO annotation file {source}: malformed annotation {annotation!r:.200}"
-            ) from exc
+            raise DatasetError(f"COCO annotation file {source}: malformed annotation {annotation!r:.200}") from exc
         if image_id not in row_of:
-            raise DatasetError(
-                f"COCO annotation file {source}: annotation refers to unknown image id {image_id}"
-            )
+            raise DatasetError(f"COCO annotation file {source}: annotation refers to unknown image id {image_id}")
         if category_id not in column:
-            raise DatasetError(
-                f"COCO annotation file {source}: annotation has unknown category id {category_id}"
-            )
+            raise DatasetError(f"COCO annotation file {source}: annotation has unknown category id {category_id}")
         if crowd and not include_crowd:
             continue
         labels[row_of[image_id], column[category_id]] = POSITIVE

@@ -51,9 +51,7 @@ def load_csv_dataset(
 ) -> ImageFileDataset:
     """Load a ``path,labels`` CSV (``<root>/<split>.csv`` by default) as a multi-label dataset."""
     if not separator or separator == ",":
-        raise ConfigError(
-            f"csv option separator must be a non-empty string other than ',', got {separator!r}"
-        )
+        raise ConfigError(f"csv option separator must be a non-empty string other than ',', got {separator!r}")
     if classnames is not None and classnames_file is not None:
         raise ConfigError("csv options classnames and classnames_file are exclusive; pass one")
     root = Path(root)
@@ -83,9 +81,7 @@ def load_csv_dataset(
         for token in tokens:
             if token not in column:
                 where = "class names file" if classnames_file is not None else "given classnames"
-                raise DatasetError(
-                    f"label CSV {path} line {row + 2}: unknown class {token!r} (not in the {where})"
-                )
+                raise DatasetError(f"label CSV {path} line {row + 2}: unknown class {token!r} (not in the {where})")
             labels[row, column[token]] = POSITIVE
     base = path.parent
     empty = next((i for i, r in enumerate(records) if not r["path"].strip()), None)

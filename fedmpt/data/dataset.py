@@ -133,8 +133,7 @@ class MultiLabelDataset(Dataset[tuple[Any, torch.Tensor]]):
         )
         if new_labels.shape != self.labels.shape:
             raise DatasetError(
-                f"with_labels on dataset {self.name!r}: shape {new_labels.shape} "
-                f"differs from {self.labels.shape}"
+                f"with_labels on dataset {self.name!r}: shape {new_labels.shape} differs from {self.labels.shape}"
             )
         clone = copy.copy(self)
         clone.labels = new_labels
@@ -145,9 +144,7 @@ class MultiLabelDataset(Dataset[tuple[Any, torch.Tensor]]):
         index_array = np.asarray(indices, dtype=np.intp).reshape(-1)
         n = len(self)
         if index_array.size and (index_array.min() < 0 or index_array.max() >= n):
-            raise ConfigError(
-                f"subset of dataset {self.name!r}: indices must lie in [0, {n}), got {indices!r}"
-            )
+            raise ConfigError(f"subset of dataset {self.name!r}: indices must lie in [0, {n}), got {indices!r}")
         clone = copy.copy(self)
         labels = self.labels[index_array]
         labels.flags.writeable = False
@@ -185,8 +182,7 @@ class ImageFileDataset(MultiLabelDataset):
         super().__init__(name=name, split=split, classnames=classnames, labels=labels, transform=transform)
         if len(paths) != len(self.labels):
             raise DatasetError(
-                f"dataset {name!r} split {split!r}: {len(paths)} image paths "
-                f"but {len(self.labels)} label rows"
+                f"dataset {name!r} split {split!r}: {len(paths)} image paths but {len(self.labels)} label rows"
             )
         self.root: Path = Path(root)
         self.paths: list[Path] = [Path(p) for p in paths]
@@ -347,7 +343,6 @@ def check_same_classnames(datasets: Sequence[MultiLabelDataset]) -> tuple[str, .
             )
         first = next(i for i, (a, b) in enumerate(zip(names, reference, strict=True)) if a != b)
         raise DatasetError(
-            f"class lists differ in order: {where}: position {first} is "
-            f"{names[first]!r} vs {reference[first]!r}"
+            f"class lists differ in order: {where}: position {first} is {names[first]!r} vs {reference[first]!r}"
         )
     return reference

@@ -37,13 +37,9 @@ def validate_label_matrix(labels: npt.ArrayLike, n_classes: int, *, source: str)
     """
     array = np.asarray(labels)
     if array.ndim != 2:
-        raise DatasetError(
-            f"{source}: label matrix must be 2-D (n_images, n_classes), got shape {array.shape}"
-        )
+        raise DatasetError(f"{source}: label matrix must be 2-D (n_images, n_classes), got shape {array.shape}")
     if array.shape[1] != n_classes:
-        raise DatasetError(
-            f"{source}: label matrix has {array.shape[1]} columns but there are {n_classes} classes"
-        )
+        raise DatasetError(f"{source}: label matrix has {array.shape[1]} columns but there are {n_classes} classes")
     if not (np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.bool_)):
         raise DatasetError(f"{source}: label matrix must be numeric, got dtype {array.dtype}")
     bad = ~np.isin(array, (UNKNOWN, NEGATIVE, POSITIVE))

@@ -64,9 +64,7 @@ def read_mlrsnet_csv(path: Path) -> tuple[list[str], np.ndarray]:
         raise DatasetError(f"MLRSNet label CSV {path}: unknown label column(s) {unknown}")
     missing = sorted(set(MLRSNET_CLASSES) - set(header))
     if missing or len(header) != len(MLRSNET_CLASSES):
-        raise DatasetError(
-            f"MLRSNet label CSV {path}: missing or repeated label columns (missing: {missing})"
-        )
+        raise DatasetError(f"MLRSNet label CSV {path}: missing or repeated label columns (missing: {missing})")
     order = np.asarray([header.index(name) for name in MLRSNET_CLASSES], dtype=np.intp)
     names: list[str] = []
     labels = np.zeros((len(rows) - 1, len(MLRSNET_CLASSES)), dtype=LABEL_DTYPE)
@@ -125,8 +123,7 @@ def load_mlrsnet(
         unknown = [w for w in wanted if w not in position]
         if unknown:
             raise DatasetError(
-                f"MLRSNet split file {split_path}: {len(unknown)} entries not in any label CSV, "
-                f"first {unknown[0]!r}"
+                f"MLRSNet split file {split_path}: {len(unknown)} entries not in any label CSV, first {unknown[0]!r}"
             )
         selected = [position[w] for w in wanted]
         source = split_path
@@ -135,8 +132,7 @@ def load_mlrsnet(
             i
             for i, key in enumerate(keys)
             if split == "all"
-            or hash_split(key, seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction)
-            == split
+            or hash_split(key, seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction) == split
         ]
         source = label_root
     images = root / images_dir

@@ -69,14 +69,11 @@ def load_nuswide(
         values = read_lines(label_file, f"NUS-WIDE label file for concept {concept!r}")
         if len(values) != len(lines):
             raise DatasetError(
-                f"NUS-WIDE label file {label_file} has {len(values)} lines "
-                f"but {list_file} lists {len(lines)} images"
+                f"NUS-WIDE label file {label_file} has {len(values)} lines but {list_file} lists {len(lines)} images"
             )
         for row, value in enumerate(values):
             if value not in ("0", "1"):
-                raise DatasetError(
-                    f"NUS-WIDE label file {label_file} line {row + 1}: expected 0 or 1, got {value!r}"
-                )
+                raise DatasetError(f"NUS-WIDE label file {label_file} line {row + 1}: expected 0 or 1, got {value!r}")
             labels[row, column] = int(value)
     images = root / image_dir
     return ImageFileDataset.from_rows(

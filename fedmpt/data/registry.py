@@ -75,9 +75,7 @@ def load_dataset(
         signature.bind(Path(root), split, transform=transform, skip_unreadable=skip_unreadable, **options)
     except TypeError as exc:
         accepted = [p for p in signature.parameters if p not in _RESERVED]
-        raise ConfigError(
-            f"bad options {sorted(options)} for dataset {name!r} ({exc}); it accepts {accepted}"
-        ) from exc
+        raise ConfigError(f"bad options {sorted(options)} for dataset {name!r} ({exc}); it accepts {accepted}") from exc
     dataset = loader(Path(root), split, transform=transform, skip_unreadable=skip_unreadable, **options)
     if not isinstance(dataset, MultiLabelDataset):
         raise ConfigError(f"loader for {name!r} returned {type(dataset).__name__}, not a MultiLabelDataset")

@@ -41,9 +41,7 @@ def find_voc2007_dir(root: Path) -> Path:
     for candidate in (root / "VOCdevkit" / "VOC2007", root / "VOC2007", root):
         if (candidate / "ImageSets" / "Main").is_dir():
             return candidate
-    raise DatasetError(
-        f"VOC2007 folder not found under {root}: expected {root / 'VOCdevkit/VOC2007/ImageSets/Main'}"
-    )
+    raise DatasetError(f"VOC2007 folder not found under {root}: expected {root / 'VOCdevkit/VOC2007/ImageSets/Main'}")
 
 
 def parse_voc_annotation(path: Path, difficult: DifficultPolicy) -> np.ndarray:
@@ -64,9 +62,7 @@ def parse_voc_annotation(path: Path, difficult: DifficultPolicy) -> np.ndarray:
     for obj in tree.getroot().iter("object"):
         name = (obj.findtext("name") or "").strip()
         if name not in index:
-            raise DatasetError(
-                f"VOC annotation {path}: unknown class {name!r}; VOC2007 classes are {VOC2007_CLASSES}"
-            )
+            raise DatasetError(f"VOC annotation {path}: unknown class {name!r}; VOC2007 classes are {VOC2007_CLASSES}")
         flag = (obj.findtext("difficult") or "0").strip()
         if flag not in ("0", "1"):
             raise DatasetError(f"VOC annotation {path}: <difficult> must be 0 or 1, got {flag!r}")
@@ -92,9 +88,7 @@ def load_voc2007(
     """
     require_split("voc2007", split, SPLITS)
     if difficult not in _DIFFICULT_LABEL:
-        raise ConfigError(
-            f"voc2007 option difficult must be one of {sorted(_DIFFICULT_LABEL)}, got {difficult!r}"
-        )
+        raise ConfigError(f"voc2007 option difficult must be one of {sorted(_DIFFICULT_LABEL)}, got {difficult!r}")
     voc = find_voc2007_dir(Path(root))
     split_file = voc / "ImageSets" / "Main" / f"{split}.txt"
     ids = [line.split()[0] for line in read_lines(split_file, "VOC2007 split file")]

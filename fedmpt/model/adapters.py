@@ -87,10 +87,7 @@ class ConditionAdapters(nn.Module):
         self.up = nn.Parameter(up)
 
     def extra_repr(self) -> str:
-        return (
-            f"dim={self.dim}, num_conditions={self.num_conditions}, rank={self.rank}, "
-            f"residual={self.residual}"
-        )
+        return f"dim={self.dim}, num_conditions={self.num_conditions}, rank={self.rank}, residual={self.residual}"
 
     def forward(self, patch_features: Tensor) -> Tensor:
         """Map ``(B, M, D)`` patch features to ``(B, N, M, D)`` condition-specific features.

@@ -28,9 +28,7 @@ UNKNOWN_LABEL = -1
 """Target value of a label that is not annotated; it contributes zero loss and zero gradient."""
 
 
-def _check_number(
-    name: str, value: object, *, low: float, high: float, low_open: bool, high_open: bool
-) -> float:
+def _check_number(name: str, value: object, *, low: float, high: float, low_open: bool, high_open: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ConfigError(f"asymmetric_loss: {name} must be a finite number, got {value!r}")
     below = value <= low if low_open else value < low

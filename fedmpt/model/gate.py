@@ -91,8 +91,7 @@ class ConditionGate(nn.Module):
         """
         if global_features.dim() != 2 or global_features.shape[-1] != self.dim:
             raise ValueError(
-                f"ConditionGate: global_features must have shape (B, D={self.dim}), "
-                f"got {tuple(global_features.shape)}"
+                f"ConditionGate: global_features must have shape (B, D={self.dim}), got {tuple(global_features.shape)}"
             )
         features = F.normalize(global_features, dim=-1) if self.normalize_input else global_features
         logits: Tensor = self.up(self.down(features))  # (B, N)

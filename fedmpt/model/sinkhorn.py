@@ -75,9 +75,7 @@ class SinkhornConfig:
         if not (math.isfinite(self.tol) and self.tol >= 0):
             raise ConfigError(f"SinkhornConfig.tol must be finite and >= 0, got {self.tol!r}")
         if not isinstance(self.fixed_iterations, bool):
-            raise ConfigError(
-                f"SinkhornConfig.fixed_iterations must be a bool, got {self.fixed_iterations!r}"
-            )
+            raise ConfigError(f"SinkhornConfig.fixed_iterations must be a bool, got {self.fixed_iterations!r}")
 
 
 class SinkhornResult(NamedTuple):
@@ -112,18 +110,14 @@ def _check_inputs(cost: Tensor, a: Tensor, b: Tensor) -> None:
         raise ValueError(f"sinkhorn_log: cost must have shape (..., M, C), got {tuple(cost.shape)}")
     num_rows, num_cols = cost.shape[-2:]
     if num_rows == 0 or num_cols == 0:
-        raise ValueError(
-            f"sinkhorn_log: cost must have M >= 1 rows and C >= 1 columns, got {tuple(cost.shape)}"
-        )
+        raise ValueError(f"sinkhorn_log: cost must have M >= 1 rows and C >= 1 columns, got {tuple(cost.shape)}")
     if a.shape != cost.shape[:-1]:
         raise ValueError(
             f"sinkhorn_log: a must have shape {tuple(cost.shape[:-1])} (cost without its last axis), "
             f"got {tuple(a.shape)}"
         )
     if b.shape[-1:] != (num_cols,) or b.dim() > cost.dim() - 1:
-        raise ValueError(
-            f"sinkhorn_log: b must have shape (C,) or (..., C) with C={num_cols}, got {tuple(b.shape)}"
-        )
+        raise ValueError(f"sinkhorn_log: b must have shape (C,) or (..., C) with C={num_cols}, got {tuple(b.shape)}")
     try:
         torch.broadcast_shapes(b.shape, cost.shape[:-2] + (num_cols,))
     except RuntimeError as err:
@@ -317,22 +311,14 @@ class ConditionTransport(nn.Module):
         logit_bias_init: float = -5.0,
     ) -> None:
         super().__init__()
-        if not (
-            isinstance(row_temperature, int | float)
-            and math.isfinite(row_temperature)
-            and row_temperature > 0
-        ):
-            raise ConfigError(
-                f"ConditionTransport.row_temperature must be finite and > 0, got {row_temperature!r}"
-            )
+        if not (isinstance(row_temperature, int | float) and math.isfinite(row_temperature) and row_temperature > 0):
+            raise ConfigError(f"ConditionTransport.row_temperature must be finite and > 0, got {row_temperature!r}")
         if not (isinstance(logit_scale, int | float) and math.isfinite(logit_scale) and logit_scale > 0):
             raise ConfigError(f"ConditionTransport.logit_scale must be finite and > 0, got {logit_scale!r}")
         if not (isinstance(logit_bias_init, int | float) and math.isfinite(logit_bias_init)):
             raise ConfigError(f"ConditionTransport.logit_bias_init must be finite, got {logit_bias_init!r}")
         if not isinstance(differentiable_plan, bool):
-            raise ConfigError(
-                f"ConditionTransport.differentiable_plan must be a bool, got {differentiable_plan!r}"
-            )
+            raise ConfigError(f"ConditionTransport.differentiable_plan must be a bool, got {differentiable_plan!r}")
         self.sinkhorn = SinkhornConfig() if sinkhorn is None else sinkhorn
         self.row_temperature = float(row_temperature)
         self.differentiable_plan = differentiable_plan
@@ -362,8 +348,7 @@ class ConditionTransport(nn.Module):
         """
         if patch_features.dim() != 4:
             raise ValueError(
-                "ConditionTransport: patch_features must have shape (B, N, M, D), "
-                f"got {tuple(patch_features.shape)}"
+                f"ConditionTransport: patch_features must have shape (B, N, M, D), got {tuple(patch_features.shape)}"
             )
         batch, conditions, _, dim = patch_features.shape
         if (
@@ -377,8 +362,7 @@ class ConditionTransport(nn.Module):
             )
         if class_features.dim() == 4 and class_features.shape[0] != batch:
             raise ValueError(
-                f"ConditionTransport: class_features batch {class_features.shape[0]} "
-                f"!= patch_features batch {batch}"
+                f"ConditionTransport: class_features batch {class_features.shape[0]} != patch_features batch {batch}"
             )
         num_classes = class_features.shape[-2]
 
@@ -396,9 +380,7 @@ class ConditionTransport(nn.Module):
             solver = sinkhorn_log(cost, row_marginal, col_marginal, self.sinkhorn, validate=False)
         else:
             with torch.no_grad():
-                solver = sinkhorn_log(
-                    cost.detach(), row_marginal.detach(), col_marginal, self.sinkhorn, validate=False
-                )
+                solver = sinkhorn_log(cost.detach(), row_marginal.detach(), col_marginal, self.sinkhorn, validate=False)
         plan = solver.plan  # (B, N, M, C)
         scores = num_classes * (plan * similarity).sum(dim=-2)  # (B, N, C)
         logits = self.logit_scale * scores + self.logit_bias

@@ -7,9 +7,9 @@ zero-shot forms ("a photo of a star.", "a photo with a striped background.") so 
 
 from __future__ import annotations
 
-import numpy as np
-
 from dataclasses import dataclass
+
+import numpy as np
 
 from fedmpt.world.factors import BACKGROUND, CONDITION_FACTORS, LAYOUT, LIGHTING, POSE, SCALE
 from fedmpt.world.scene import Scene

@@ -166,7 +166,13 @@ class FederatedWorldConfig:
     classes: tuple[str, ...] = field(default=TASK_CLASSES)
 
     def __post_init__(self) -> None:
-        for name in ("num_clients", "train_per_client", "test_per_client", "global_test_size", "pairs_per_client"):
+        for name in (
+            "num_clients",
+            "train_per_client",
+            "test_per_client",
+            "global_test_size",
+            "pairs_per_client",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.background_concentration <= 0:
@@ -216,8 +222,8 @@ def make_federated_world(config: FederatedWorldConfig) -> FederatedWorld:
     clients = []
     for k in range(config.num_clients):
         own = tuple(chosen[k * config.pairs_per_client : (k + 1) * config.pairs_per_client])
-        bg = rng.dirichlet([config.background_concentration] * len(BACKGROUND.values))
-        bg = tuple(float(p) for p in bg / bg.sum())
+        draw = rng.dirichlet([config.background_concentration] * len(BACKGROUND.values))
+        bg = tuple(float(p) for p in draw / draw.sum())
         dist = SceneDistribution(
             classes=config.classes,
             background_probs=bg,
@@ -225,27 +231,31 @@ def make_federated_world(config: FederatedWorldConfig) -> FederatedWorld:
             spurious_pairs=own,
             spurious_strength=config.spurious_strength,
         )
-        common = {"seed": config.seed, "image_size": config.image_size}
+        seed, size = config.seed, config.image_size
         clients.append(
             ClientWorld(
-                train=WorldDataset(dist, config.train_per_client, stream=(1, k), split=f"client{k}-train", **common),
-                test=WorldDataset(dist, config.test_per_client, stream=(2, k), split=f"client{k}-test", **common),
+                train=WorldDataset(
+                    dist, config.train_per_client, seed=seed, stream=(1, k), split=f"client{k}-train", image_size=size
+                ),
+                test=WorldDataset(
+                    dist, config.test_per_client, seed=seed, stream=(2, k), split=f"client{k}-test", image_size=size
+                ),
                 spurious_pairs=own,
                 background_probs=bg,
             )
         )
     oracle = SceneDistribution(classes=config.classes, context_strength=config.context_strength)
     broken = SceneDistribution(
-        classes=config.classes, context_strength=config.context_strength, broken_pairs=tuple(dict.fromkeys(chosen))
+        classes=config.classes,
+        context_strength=config.context_strength,
+        broken_pairs=tuple(dict.fromkeys(chosen)),
     )
-    common = {"seed": config.seed, "image_size": config.image_size}
+    n, seed, size = config.global_test_size, config.seed, config.image_size
     return FederatedWorld(
         config=config,
         clients=tuple(clients),
-        test_in_distribution=WorldDataset(oracle, config.global_test_size, stream=(3,), split="test-iid", **common),
-        test_decorrelated=WorldDataset(
-            broken, config.global_test_size, stream=(4,), split="test-decorrelated", **common
-        ),
+        test_in_distribution=WorldDataset(oracle, n, seed=seed, stream=(3,), split="test-iid", image_size=size),
+        test_decorrelated=WorldDataset(broken, n, seed=seed, stream=(4,), split="test-decorrelated", image_size=size),
     )
 
 

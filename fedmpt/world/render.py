@@ -68,6 +68,7 @@ def _centres(layout: str, n: int, size: int, half: int, rng: np.random.Generator
     """Object centres (row, col) for ``n`` objects under ``layout``, kept inside the canvas."""
     slots = (np.arange(n) + 0.5) * size / n
     jitter = max(1, size // 32)
+    pts: list[tuple[float, float]]
     if layout == "row":
         row = size / 2 + rng.integers(-size // 8, size // 8 + 1)
         pts = [(row, s) for s in slots]
@@ -75,20 +76,17 @@ def _centres(layout: str, n: int, size: int, half: int, rng: np.random.Generator
         col = size / 2 + rng.integers(-size // 8, size // 8 + 1)
         pts = [(s, col) for s in slots]
     elif layout == "diagonal":
-        if rng.random() < 0.5:
-            pts = [(s, s) for s in slots]
-        else:
-            pts = [(s, size - s) for s in slots]
+        pts = [(s, s) for s in slots] if rng.random() < 0.5 else [(s, size - s) for s in slots]
     elif layout == "grid":
         cells = rng.permutation(4)[:n]
         pts = [(size / 4 + (c // 2) * size / 2, size / 4 + (c % 2) * size / 2) for c in cells]
     else:
         raise ValueError(f"unknown layout {layout!r}")
-    out = []
+    out: list[tuple[int, int]] = []
     for r, c in pts:
-        r = int(round(r + rng.integers(-jitter, jitter + 1)))
-        c = int(round(c + rng.integers(-jitter, jitter + 1)))
-        out.append((min(max(r, half), size - half), min(max(c, half), size - half)))
+        y = int(round(float(r) + int(rng.integers(-jitter, jitter + 1))))
+        x = int(round(float(c) + int(rng.integers(-jitter, jitter + 1))))
+        out.append((min(max(y, half), size - half), min(max(x, half), size - half)))
     return out
 
 

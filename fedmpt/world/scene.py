@@ -79,9 +79,7 @@ class SceneDistribution:
         if not 0.0 <= self.spurious_strength <= 1.0:
             raise ConfigError(f"spurious_strength must be in [0, 1], got {self.spurious_strength}")
         if not 1 <= self.min_objects <= self.max_objects <= min(4, len(self.classes)):
-            raise ConfigError(
-                f"need 1 <= min_objects <= max_objects <= 4, got {self.min_objects}..{self.max_objects}"
-            )
+            raise ConfigError(f"need 1 <= min_objects <= max_objects <= 4, got {self.min_objects}..{self.max_objects}")
         if self.background_probs is not None:
             probs = np.asarray(self.background_probs, dtype=float)
             if probs.shape != (len(BACKGROUND.values),) or (probs < 0).any() or abs(probs.sum() - 1) > 1e-6:

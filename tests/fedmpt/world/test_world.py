@@ -67,11 +67,13 @@ def test_oracle_background_drives_cooccurrence() -> None:
 
 
 def test_client_spurious_pairs_are_far_more_frequent_than_oracle_and_broken_in_decorrelated_split() -> None:
-    world = make_federated_world(FederatedWorldConfig(num_clients=3, train_per_client=1500, global_test_size=1500))
+    world = make_federated_world(
+        FederatedWorldConfig(num_clients=3, train_per_client=1500, global_test_size=1500)
+    )
     oracle = world.test_in_distribution.labels
     broken = world.test_decorrelated.labels
     for client in world.clients:
-        (a, b), = client.spurious_pairs
+        ((a, b),) = client.spurious_pairs
         ia, ib = TASK_CLASSES.index(a), TASK_CLASSES.index(b)
         local = _cooccurrence(client.train.labels, ia, ib)
         assert local > 0.85  # spurious_strength 0.9 (minus rare replacement losses)
@@ -96,7 +98,7 @@ def test_pretraining_world_is_broader_and_has_no_pair_structure() -> None:
 def test_glyph_masks_are_valid_alpha(name: str, rotation: float, size: int) -> None:
     mask = glyph_mask(name, rotation, size)
     assert mask.shape == (size, size) and mask.dtype == np.float32
-    assert 0.0 <= mask.min() and mask.max() <= 1.0
+    assert mask.min() >= 0.0 and mask.max() <= 1.0
     assert 0.05 * size * size < mask.sum() < 0.95 * size * size
 
 
