@@ -115,18 +115,14 @@ def client_context_bytes(secret_context: ts.Context) -> bytes:
     """Serialize the client context, secret key included (write it only to client kits, mode 0600)."""
     if not secret_context.is_private():
         raise CkksError("client context must hold the secret key")
-    return bytes(
-        secret_context.serialize(save_secret_key=True, save_galois_keys=False, save_relin_keys=False)
-    )
+    return bytes(secret_context.serialize(save_secret_key=True, save_galois_keys=False, save_relin_keys=False))
 
 
 def load_server_context(data: bytes, config: CkksConfig) -> ts.Context:
     """Load the server's context and refuse it if it holds a secret key."""
     ctx = _load_context(data, config, "server")
     if ctx.is_private():
-        raise CkksError(
-            "the server context holds a CKKS secret key; the server must only get a public context"
-        )
+        raise CkksError("the server context holds a CKKS secret key; the server must only get a public context")
     return ctx
 
 
@@ -234,11 +230,7 @@ def _slots(update: np.ndarray, weight: int, config: CkksConfig, rounding_seed: b
         raise ConfigError(f"update must be a non-empty flat vector, got shape {x.shape}")
     if not np.all(np.isfinite(x)):
         raise ConfigError(f"update has {int(np.sum(~np.isfinite(x)))} non-finite values")
-    if (
-        isinstance(weight, bool)
-        or not isinstance(weight, int | np.integer)
-        or not 1 <= weight <= config.max_weight
-    ):
+    if isinstance(weight, bool) or not isinstance(weight, int | np.integer) or not 1 <= weight <= config.max_weight:
         raise ConfigError(f"weight must be an int in [1, max_weight={config.max_weight}], got {weight!r}")
     v = np.clip(x, -config.clip_range, config.clip_range) * float(weight)  # (d,)
     tail = np.array([float(weight), 1.0])
@@ -246,9 +238,7 @@ def _slots(update: np.ndarray, weight: int, config: CkksConfig, rounding_seed: b
         return np.concatenate([v, tail])
     q_half = config.lane_half_range()
     seed = fresh_seed() if rounding_seed is None else rounding_seed
-    q = np.floor(v * config.quantization_scale() + uniform_floats(seed, b"ckks-encode", x.size)).astype(
-        np.int64
-    )
+    q = np.floor(v * config.quantization_scale() + uniform_floats(seed, b"ckks-encode", x.size)).astype(np.int64)
     lanes = np.clip(q, -q_half, q_half) + q_half  # (d,) in [0, 2Q]
     n_slots = -(-x.size // config.pack)
     padded = np.zeros(n_slots * config.pack, dtype=np.int64)
@@ -285,9 +275,7 @@ def _pack_message(
 ) -> bytes:
     if len(run_id) != RUN_ID_BYTES:
         raise ConfigError(f"run id must be {RUN_ID_BYTES} bytes, got {len(run_id)}")
-    header = _HEADER.pack(
-        MAGIC, VERSION, int(kind), 0, run_id, round_number, sender, d, fingerprint, len(cts)
-    )
+    header = _HEADER.pack(MAGIC, VERSION, int(kind), 0, run_id, round_number, sender, d, fingerprint, len(cts))
     return header + b"".join(struct.pack("<I", len(c)) + c for c in cts)
 
 
@@ -304,13 +292,9 @@ def _unpack_message(
     data = bytes(data)
     if len(data) < HEADER_BYTES:
         raise MessageRejected(f"CKKS {kind.name}: truncated header ({len(data)} bytes)")
-    magic, version, got_kind, reserved, got_run, got_round, sender, d, got_fp, count = _HEADER.unpack_from(
-        data
-    )
+    magic, version, got_kind, reserved, got_run, got_round, sender, d, got_fp, count = _HEADER.unpack_from(data)
     if magic != MAGIC or version != VERSION or reserved != 0:
-        raise MessageRejected(
-            f"CKKS {kind.name}: bad magic/version/reserved ({magic!r}, {version}, {reserved})"
-        )
+        raise MessageRejected(f"CKKS {kind.name}: bad magic/version/reserved ({magic!r}, {version}, {reserved})")
     if got_kind != int(kind):
         raise MessageRejected(f"CKKS: expected a {kind.name} message, got kind {got_kind}")
     if got_run != run_id:
@@ -318,9 +302,7 @@ def _unpack_message(
     if got_round != round_number:
         raise MessageRejected(f"CKKS {kind.name}: bound to round {got_round}, this is round {round_number}")
     if got_fp != fingerprint:
-        raise MessageRejected(
-            f"CKKS {kind.name}: encrypted under key set {got_fp.hex()}, expected {fingerprint.hex()}"
-        )
+        raise MessageRejected(f"CKKS {kind.name}: encrypted under key set {got_fp.hex()}, expected {fingerprint.hex()}")
     expected = -(-(_n_data_slots(d, config) + 2) // config.slots)
     if count != expected:
         raise MessageRejected(f"CKKS {kind.name}: {count} ciphertexts for d={d}, expected {expected}")
@@ -330,9 +312,7 @@ def _unpack_message(
             raise MessageRejected(f"CKKS {kind.name}: truncated before ciphertext {i}")
         (length,) = struct.unpack_from("<I", data, pos)
         if length == 0 or length > limit or pos + 4 + length > len(data):
-            raise MessageRejected(
-                f"CKKS {kind.name}: ciphertext {i} has bad length {length} (or is truncated)"
-            )
+            raise MessageRejected(f"CKKS {kind.name}: ciphertext {i} has bad length {length} (or is truncated)")
         cts.append(data[pos + 4 : pos + 4 + length])
         pos += 4 + length
     if pos != len(data):
@@ -472,13 +452,8 @@ def decrypt_aggregate(
     if slots.size != n_data + 2:
         raise MessageRejected(f"CKKS AGGREGATE decrypts to {slots.size} slots, expected {n_data + 2}")
     total_weight, n_clients = round(slots[n_data]), round(slots[n_data + 1])
-    if (
-        not 1 <= n_clients <= config.max_clients
-        or not n_clients <= total_weight <= n_clients * config.max_weight
-    ):
-        raise CkksError(
-            f"decrypted count {slots[n_data + 1]:.3f} / weight {slots[n_data]:.3f} are inconsistent"
-        )
+    if not 1 <= n_clients <= config.max_clients or not n_clients <= total_weight <= n_clients * config.max_weight:
+        raise CkksError(f"decrypted count {slots[n_data + 1]:.3f} / weight {slots[n_data]:.3f} are inconsistent")
     if config.pack == 1:
         mean = slots[: parsed.d] / total_weight
         bound = n_clients * 2.0 ** (16 - config.scale_bits) / total_weight
@@ -486,9 +461,7 @@ def decrypt_aggregate(
     rounded = np.rint(slots[:n_data])
     residual = float(np.max(np.abs(slots[:n_data] - rounded))) if n_data else 0.0
     if residual >= 0.25:
-        raise CkksError(
-            f"CKKS noise {residual:.3g} is too large to unpack integers exactly; raise packed_scale_bits"
-        )
+        raise CkksError(f"CKKS noise {residual:.3g} is too large to unpack integers exactly; raise packed_scale_bits")
     ints = rounded.astype(np.int64)  # (S-2,)
     mask = (1 << config.lane_bits) - 1
     shifts = np.arange(config.pack, dtype=np.int64) * config.lane_bits

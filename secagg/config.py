@@ -44,6 +44,9 @@ class MaskingConfig:
             quantization step is 1 / s.
         max_weight: largest per-client weight (sample count) allowed; weights are integers in [1, max_weight]
             and are carried as an extra masked coordinate.
+        consistency_check: add Bonawitz et al.'s consistency-check stage: before unmasking, every survivor signs
+            the survivor list and refuses to unmask unless t roster-valid signatures cover the same list, so an
+            active server cannot show different survivor lists to different clients. Costs one round trip.
         stage_timeout_s: how long the server waits for the replies of one stage (used by the transport
         adapter).
     """
@@ -54,6 +57,7 @@ class MaskingConfig:
     clip_range: float = 1.0
     scale: float = 2.0**16
     max_weight: int = 1
+    consistency_check: bool = False
     stage_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
@@ -62,9 +66,7 @@ class MaskingConfig:
         k = self.neighbourhood_size
         if k is not None:
             if isinstance(k, bool) or not isinstance(k, int) or k < 2 or k % 2:
-                raise ConfigError(
-                    f"MaskingConfig.neighbourhood_size must be None or an even int >= 2, got {k!r}"
-                )
+                raise ConfigError(f"MaskingConfig.neighbourhood_size must be None or an even int >= 2, got {k!r}")
             if k < self.threshold:
                 raise ConfigError(
                     f"MaskingConfig.neighbourhood_size={k} is below threshold={self.threshold}: "
@@ -78,10 +80,10 @@ class MaskingConfig:
             raise ConfigError(f"MaskingConfig.scale must be finite and > 0, got {self.scale!r}")
         if isinstance(self.max_weight, bool) or not isinstance(self.max_weight, int) or self.max_weight < 1:
             raise ConfigError(f"MaskingConfig.max_weight must be an int >= 1, got {self.max_weight!r}")
+        if not isinstance(self.consistency_check, bool):
+            raise ConfigError(f"MaskingConfig.consistency_check must be a bool, got {self.consistency_check!r}")
         if not (math.isfinite(self.stage_timeout_s) and self.stage_timeout_s > 0):
-            raise ConfigError(
-                f"MaskingConfig.stage_timeout_s must be finite and > 0, got {self.stage_timeout_s!r}"
-            )
+            raise ConfigError(f"MaskingConfig.stage_timeout_s must be finite and > 0, got {self.stage_timeout_s!r}")
         per_client = self.max_weight * self.clip_range * self.scale + 1
         if per_client >= FLOAT64_EXACT_INT:
             raise ConfigError(
@@ -149,15 +151,13 @@ class CkksConfig:
         n = self.poly_modulus_degree
         if n not in SEAL_128_BIT_MAX_COEFF_BITS:
             raise ConfigError(
-                f"CkksConfig.poly_modulus_degree must be one of {sorted(SEAL_128_BIT_MAX_COEFF_BITS)}, got "
-                f"{n!r}"
+                f"CkksConfig.poly_modulus_degree must be one of {sorted(SEAL_128_BIT_MAX_COEFF_BITS)}, got {n!r}"
             )
         chain = tuple(self.coeff_mod_bit_sizes)
         object.__setattr__(self, "coeff_mod_bit_sizes", chain)
         if len(chain) < 2 or any((not isinstance(b, int)) or b < 20 or b > 60 for b in chain):
             raise ConfigError(
-                "CkksConfig.coeff_mod_bit_sizes must hold >= 2 ints in [20, 60], got "
-                f"{self.coeff_mod_bit_sizes!r}"
+                f"CkksConfig.coeff_mod_bit_sizes must hold >= 2 ints in [20, 60], got {self.coeff_mod_bit_sizes!r}"
             )
         if sum(chain) > SEAL_128_BIT_MAX_COEFF_BITS[n]:
             raise ConfigError(
@@ -167,8 +167,7 @@ class CkksConfig:
         data_bits = sum(chain[:-1])
         if not (10 <= self.scale_bits < data_bits):
             raise ConfigError(
-                f"CkksConfig.scale_bits must be in [10, {data_bits}) (the ciphertext modulus), got "
-                f"{self.scale_bits!r}"
+                f"CkksConfig.scale_bits must be in [10, {data_bits}) (the ciphertext modulus), got {self.scale_bits!r}"
             )
         if isinstance(self.pack, bool) or not isinstance(self.pack, int) or self.pack < 1:
             raise ConfigError(f"CkksConfig.pack must be an int >= 1, got {self.pack!r}")

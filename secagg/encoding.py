@@ -70,9 +70,7 @@ def _dtype(config: MaskingConfig) -> np.dtype:
     return np.dtype(np.uint32) if config.modulus_bits == 32 else np.dtype(np.uint64)
 
 
-def encode(
-    update: np.ndarray, weight: int, config: MaskingConfig, rounding_seed: bytes | None = None
-) -> np.ndarray:
+def encode(update: np.ndarray, weight: int, config: MaskingConfig, rounding_seed: bytes | None = None) -> np.ndarray:
     """Encode a float update and its weight into a vector of d+1 words modulo 2**modulus_bits, shape (d+1,).
 
     ``rounding_seed`` (32 bytes) fixes the stochastic-rounding stream for tests; by default a fresh seed comes
@@ -84,11 +82,7 @@ def encode(
         raise ConfigError(f"update must be a flat vector, got shape {x.shape}")
     if not np.all(np.isfinite(x)):
         raise ConfigError(f"update has {int(np.sum(~np.isfinite(x)))} non-finite values")
-    if (
-        isinstance(weight, bool)
-        or not isinstance(weight, int | np.integer)
-        or not 1 <= weight <= config.max_weight
-    ):
+    if isinstance(weight, bool) or not isinstance(weight, int | np.integer) or not 1 <= weight <= config.max_weight:
         raise ConfigError(f"weight must be an int in [1, max_weight={config.max_weight}], got {weight!r}")
     seed = fresh_seed() if rounding_seed is None else rounding_seed
     v = np.clip(x, -config.clip_range, config.clip_range) * (float(weight) * config.scale)  # (d,)

@@ -197,9 +197,7 @@ def round_context(run_id: bytes, round_number: int) -> bytes:
     return bytes(run_id) + struct.pack("<Q", round_number)
 
 
-def advertise_transcript(
-    run_id: bytes, round_number: int, node_id: int, c_public: bytes, s_public: bytes
-) -> bytes:
+def advertise_transcript(run_id: bytes, round_number: int, node_id: int, c_public: bytes, s_public: bytes) -> bytes:
     """Bytes an advertised key bundle signs: domain || run id || round || node id || c_pk || s_pk."""
     return (
         _DOMAIN
@@ -208,6 +206,18 @@ def advertise_transcript(
         + struct.pack("<Q", node_id)
         + c_public
         + s_public
+    )
+
+
+def consistency_transcript(run_id: bytes, round_number: int, survivors: tuple[int, ...]) -> bytes:
+    """Bytes a consistency-check signature covers: domain || run id || round || u32 n || sorted survivor ids."""
+    ids = sorted(survivors)
+    return (
+        _DOMAIN
+        + b"consistency-check|"
+        + round_context(run_id, round_number)
+        + struct.pack("<I", len(ids))
+        + b"".join(struct.pack("<Q", u) for u in ids)
     )
 
 
@@ -295,9 +305,7 @@ def provision_identities(node_ids: list[int], out_dir: Path) -> Roster:
     if len(roster) != len(node_ids):
         raise ConfigError(f"node ids must be distinct, got {node_ids}")
     for ident in identities:
-        fd = os.open(
-            out_dir / identity_file_name(ident.node_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
-        )
+        fd = os.open(out_dir / identity_file_name(ident.node_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(ident.private_bytes())
     (out_dir / ROSTER_FILE).write_bytes(roster.to_bytes())

@@ -1,8 +1,9 @@
 """Secure aggregation by double masking (Bonawitz et al. 2017), optionally on the SecAgg+ graph (Bell et al.).
 
-The protocol runs as four named stages. Client functions take the :class:`ClientState` and the server's
-request bytes and return reply bytes; server functions take the :class:`ServerState` and the replies that
-arrived before the stage timeout (missing nodes have dropped) and return the next requests.
+The protocol runs as four named stages (five with the consistency check). Client functions take the
+:class:`ClientState` and the server's request bytes and return reply bytes; server functions take the
+:class:`ServerState` and the replies that arrived before the stage timeout (missing nodes have dropped) and
+return the next requests.
 
 ====================  ==========================================  ===========================================
 stage                 client (node u)                              server
@@ -16,6 +17,8 @@ stage                 client (node u)                              server
                       s_sk_u (t of |N(u)|); AEAD-encrypt per peer
 3 masked input        :func:`masked_input`: decrypt shares;        :func:`server_collect_masked_inputs`: U3,
                       y_u = e_u + PRG(b_u) + sum_v +-PRG(s_uv)     running modular sum; survivor list
+3b consistency        :func:`consistency_check` (optional): sign   :func:`server_collect_consistency`: >= t
+   check              U3 with the identity key                     signatures, sent with U3 to the signers
 4 unmask              :func:`unmask`: b_v shares for survivors,    :func:`server_unmask`: reconstruct b_v
                       s_sk_v shares for dropouts, never both       (v in U3) and s_sk_v (v in U2 \\ U3),
                                                                     remove masks, decode the weighted mean
@@ -26,9 +29,10 @@ cancel. The self mask PRG(b_u) hides y_u even if u's pairwise masks are later re
 (wrongly) declared dropped. Threat model: an honest-but-curious server colluding with fewer than t clients
 learns only the sum of at least t inputs; the Ed25519 signatures against a provisioned roster additionally
 stop a server from substituting round keys, and every honest client refuses to reveal both shares for one
-peer. There is no consistency-check round, so an actively malicious server can still show different survivor
-lists to different clients (see docs/secure_aggregation.md). A SecAgg+ graph needs t > k/2 for that
-argument; it is warned about, not refused.
+peer. Without the optional consistency check (``MaskingConfig.consistency_check``) an actively malicious
+server can show different survivor lists to different clients; with it, every unmasking client has seen t
+signatures on its own list (see docs/secure_aggregation.md). The both-shares argument also needs t > k/2 on a
+SecAgg+ graph; that is warned about, not refused.
 """
 
 from __future__ import annotations
@@ -57,7 +61,9 @@ from secagg.keys import (
     RoundKeyPair,
     advertise_transcript,
     check_node_id,
+    consistency_transcript,
     pairwise_seed,
+    public_bytes,
     round_context,
     share_encryption_keys,
     x25519_from_private_bytes,
@@ -115,11 +121,7 @@ def _self_mask(seed: bytes, context: bytes, node: int, length: int, bits: int) -
 
 
 def _aad(run_id: bytes, round_number: int, sender: int, recipient: int) -> bytes:
-    return (
-        b"fedmpt-secagg/v1/share|"
-        + round_context(run_id, round_number)
-        + struct.pack("<QQ", sender, recipient)
-    )
+    return b"fedmpt-secagg/v1/share|" + round_context(run_id, round_number) + struct.pack("<QQ", sender, recipient)
 
 
 # --------------------------------------------------------------------------------------------------- client
@@ -132,6 +134,7 @@ class ClientStage(enum.Enum):
     ADVERTISED = "advertised"
     SHARED = "shared"
     MASKED = "masked"
+    CHECKED = "checked"
     DONE = "done"
 
 
@@ -160,6 +163,7 @@ class ClientState:
     peer_bundles: dict[int, wire.KeyBundle] = field(default_factory=dict, repr=False)
     held_shares: dict[int, tuple[Share, Share]] = field(default_factory=dict, repr=False)
     receive_keys: dict[int, bytes] = field(default_factory=dict, repr=False)
+    signed_survivors: tuple[int, ...] | None = None
     revealed: dict[int, RevealKind] = field(default_factory=dict)
     guard: wire.ReplayGuard = field(default_factory=wire.ReplayGuard, repr=False)
 
@@ -209,8 +213,6 @@ class ClientState:
 
 def public_key_of(roster: Roster, node_id: int) -> bytes:
     """Raw Ed25519 public key the roster holds for ``node_id``."""
-    from secagg.keys import public_bytes
-
     return public_bytes(roster[node_id])
 
 
@@ -241,28 +243,25 @@ def advertise_keys(state: ClientState, request: bytes) -> bytes:
         )
     req = wire.decode_advertise_request(env.payload)
     want_k = 0 if cfg.neighbourhood_size is None else cfg.neighbourhood_size
-    if (req.threshold, req.neighbourhood_size, req.modulus_bits) != (cfg.threshold, want_k, cfg.modulus_bits):
+    got = (req.threshold, req.neighbourhood_size, req.modulus_bits, req.consistency_check)
+    want = (cfg.threshold, want_k, cfg.modulus_bits, cfg.consistency_check)
+    if got != want:
         raise MessageRejected(
-            f"ADVERTISE_REQUEST parameters (t={req.threshold}, k={req.neighbourhood_size}, "
-            f"bits={req.modulus_bits}) "
-            f"differ from this node's config (t={cfg.threshold}, k={want_k}, bits={cfg.modulus_bits})"
+            f"ADVERTISE_REQUEST parameters (t, k, bits, consistency check) = {got} differ from this node's "
+            f"config {want}"
         )
     if state.node_id not in req.participants:
         raise MessageRejected(f"ADVERTISE_REQUEST does not list node {state.node_id} as a participant")
     if len(req.participants) < cfg.threshold:
         raise ThresholdNotMet(f"{len(req.participants)} participants, threshold is {cfg.threshold}")
     if not 0 < req.vector_length <= MAX_VECTOR_LENGTH:
-        raise MessageRejected(
-            f"ADVERTISE_REQUEST vector length {req.vector_length} outside [1, {MAX_VECTOR_LENGTH}]"
-        )
+        raise MessageRejected(f"ADVERTISE_REQUEST vector length {req.vector_length} outside [1, {MAX_VECTOR_LENGTH}]")
     check_capacity(cfg, len(req.participants))
     state.run_id, state.round_number = env.run_id, env.round_number
     state.guard.accept(env)
     state.participants = req.participants
     state.vector_length = req.vector_length
-    state.neighbours = neighbour_graph(req.participants, cfg.neighbourhood_size, req.graph_seed)[
-        state.node_id
-    ]
+    state.neighbours = neighbour_graph(req.participants, cfg.neighbourhood_size, req.graph_seed)[state.node_id]
     state.c_keys, state.s_keys = RoundKeyPair.generate(), RoundKeyPair.generate()
     transcript = advertise_transcript(
         state.run_id, state.round_number, state.node_id, state.c_keys.public, state.s_keys.public
@@ -306,9 +305,7 @@ def share_keys(state: ClientState, request: bytes) -> bytes:
     state.held_shares = {state.node_id: (seed_shares[state.node_id], key_shares[state.node_id])}
     ciphertexts: dict[int, bytes] = {}
     for v in sorted(bundles):
-        plaintext = (
-            struct.pack("<QQ", state.node_id, v) + encode_share(seed_shares[v]) + encode_share(key_shares[v])
-        )
+        plaintext = struct.pack("<QQ", state.node_id, v) + encode_share(seed_shares[v]) + encode_share(key_shares[v])
         key, state.receive_keys[v] = share_encryption_keys(
             state.c_keys.private, bundles[v].c_public, state.run_id, state.round_number, state.node_id, v
         )
@@ -338,18 +335,14 @@ def masked_input(state: ClientState, request: bytes, update: np.ndarray, weight:
     held: dict[int, tuple[Share, Share]] = dict(state.held_shares)  # own shares, kept at share_keys
     for v, ct in cts.items():
         if v not in state.peer_bundles:
-            raise MessageRejected(
-                f"MASKED_INPUT_REQUEST: node {v} sent shares but never advertised to {state.node_id}"
-            )
+            raise MessageRejected(f"MASKED_INPUT_REQUEST: node {v} sent shares but never advertised to {state.node_id}")
         key = state.receive_keys[v]  # HKDF(X25519(c_sk_u, c_pk_v)) for v -> u, derived at share_keys
         try:
             pt = ChaCha20Poly1305(key).decrypt(
                 _ZERO_NONCE, ct, _aad(state.run_id, state.round_number, v, state.node_id)
             )
         except InvalidTag:
-            raise MessageRejected(
-                f"share ciphertext from node {v} to {state.node_id} fails authentication"
-            ) from None
+            raise MessageRejected(f"share ciphertext from node {v} to {state.node_id} fails authentication") from None
         sender, recipient = struct.unpack_from("<QQ", pt)
         if (sender, recipient) != (v, state.node_id):
             raise MessageRejected(f"share from {v} is labelled ({sender} -> {recipient})")
@@ -360,8 +353,7 @@ def masked_input(state: ClientState, request: bytes, update: np.ndarray, weight:
         held[v] = (seed_share, key_share)
     if len(held) < state.config.threshold:
         raise ThresholdNotMet(
-            f"node {state.node_id}: {len(held)} share holders (self included), "
-            f"threshold is {state.config.threshold}"
+            f"node {state.node_id}: {len(held)} share holders (self included), threshold is {state.config.threshold}"
         )
     state.held_shares = held
     bits, length = state.config.modulus_bits, state.vector_length + 1
@@ -386,23 +378,65 @@ def masked_input(state: ClientState, request: bytes, update: np.ndarray, weight:
     return state._pack(Kind.MASKED_INPUT, wire.encode_masked_input(y, bits))
 
 
+def _check_survivors(state: ClientState, survivors: tuple[int, ...], what: str) -> None:
+    if state.node_id not in survivors:
+        raise MessageRejected(f"{what} to node {state.node_id} does not list it as a survivor")
+    unknown = sorted(set(survivors) - set(state.participants))
+    if unknown:
+        raise MessageRejected(f"{what} lists non-participants {unknown}")
+    if len(survivors) < state.config.threshold:
+        raise ThresholdNotMet(f"{what}: {len(survivors)} survivors, threshold is {state.config.threshold}")
+
+
+def consistency_check(state: ClientState, request: bytes) -> bytes:
+    """Optional stage 3b (client): sign the survivor list U3 (Bonawitz et al.'s ConsistencyCheck round).
+
+    The signature, by the client's roster identity over (run id, round, sorted U3), lets every survivor check in
+    :func:`unmask` that at least t clients saw the same list, so the server cannot claim a node dropped to some
+    clients and alive to others.
+    """
+    if not state.config.consistency_check:
+        raise ProtocolError(f"node {state.node_id}: consistency_check called but the config disables it")
+    state._require(ClientStage.MASKED, "consistency_check")
+    env = state._open(request, Kind.CONSISTENCY_REQUEST)
+    survivors = wire.decode_survivors(env.payload, "CONSISTENCY_REQUEST")
+    _check_survivors(state, survivors, "CONSISTENCY_REQUEST")
+    state.signed_survivors = tuple(sorted(survivors))
+    signature = state.identity.sign(consistency_transcript(state.run_id, state.round_number, survivors))
+    state.stage = ClientStage.CHECKED
+    return state._pack(Kind.CONSISTENCY_SIGNATURE, signature)
+
+
 def unmask(state: ClientState, request: bytes) -> bytes:
     """Stage 4 (client): reveal b_v shares for surviving peers and s_sk_v shares for dropped peers, never
     both.
 
     The survivor list must include this node and hold at least t nodes. A peer the client has already revealed
-    one kind of share for can never get the other kind (the guard behind the late-client argument).
+    one kind of share for can never get the other kind (the guard behind the late-client argument). With the
+    consistency check on, the list must be the one this node signed and carry >= t valid survivor signatures.
     """
-    state._require(ClientStage.MASKED, "unmask")
+    checked = state.config.consistency_check
+    state._require(ClientStage.CHECKED if checked else ClientStage.MASKED, "unmask")
     env = state._open(request, Kind.UNMASK_REQUEST)
-    survivors = frozenset(wire.decode_unmask_request(env.payload))
-    if state.node_id not in survivors:
-        raise MessageRejected(f"UNMASK_REQUEST to node {state.node_id} does not list it as a survivor")
-    unknown = sorted(survivors - set(state.participants))
-    if unknown:
-        raise MessageRejected(f"UNMASK_REQUEST lists non-participants {unknown}")
-    if len(survivors) < state.config.threshold:
-        raise ThresholdNotMet(f"{len(survivors)} survivors, threshold is {state.config.threshold}")
+    survivor_list, signatures = wire.decode_unmask_request(env.payload)
+    _check_survivors(state, survivor_list, "UNMASK_REQUEST")
+    survivors = frozenset(survivor_list)
+    if checked:
+        if sorted(survivor_list) != sorted(state.signed_survivors or ()):
+            raise MessageRejected(
+                f"UNMASK_REQUEST survivor list differs from the one node {state.node_id} signed in the "
+                "consistency check (server equivocation)"
+            )
+        strangers = sorted(set(signatures) - survivors)
+        if strangers:
+            raise MessageRejected(f"UNMASK_REQUEST carries consistency signatures of non-survivors {strangers}")
+        transcript = consistency_transcript(state.run_id, state.round_number, survivor_list)
+        for signer, signature in signatures.items():
+            state.roster.verify(signer, transcript, signature)
+        if len(signatures) < state.config.threshold:
+            raise ThresholdNotMet(f"{len(signatures)} consistency signatures, threshold is {state.config.threshold}")
+    elif signatures:
+        raise MessageRejected("UNMASK_REQUEST carries consistency signatures, but the check is off")
     entries: list[tuple[int, RevealKind, bytes]] = []
     for v in sorted(state.held_shares):
         kind = RevealKind.SELF_MASK_SEED if v in survivors else RevealKind.MASK_SECRET_KEY
@@ -411,9 +445,7 @@ def unmask(state: ClientState, request: bytes) -> bytes:
             raise ProtocolError(f"node {state.node_id} refuses to reveal both shares of node {v}")
         state.revealed[v] = kind
         seed_share, key_share = state.held_shares[v]
-        entries.append(
-            (v, kind, encode_share(seed_share if kind is RevealKind.SELF_MASK_SEED else key_share))
-        )
+        entries.append((v, kind, encode_share(seed_share if kind is RevealKind.SELF_MASK_SEED else key_share)))
     state.stage = ClientStage.DONE
     return state._pack(Kind.UNMASK, wire.encode_unmask(entries))
 
@@ -427,6 +459,7 @@ class ServerStage(enum.Enum):
     ADVERTISE = "advertise"
     SHARE_KEYS = "share-keys"
     MASKED_INPUT = "masked-input"
+    CONSISTENCY = "consistency-check"
     UNMASK = "unmask"
     DONE = "done"
     FAILED = "failed"
@@ -469,15 +502,14 @@ class ServerState:
     partners: dict[int, frozenset[int]] = field(default_factory=dict, repr=False)
     total: np.ndarray | None = field(default=None, repr=False)
     survivors: tuple[int, ...] = ()
+    unmaskers: frozenset[int] = frozenset()
     rejected: dict[int, str] = field(default_factory=dict)
     failure: str | None = None
     guard: wire.ReplayGuard = field(default_factory=wire.ReplayGuard, repr=False)
 
     def _require(self, stage: ServerStage, action: str) -> None:
         if self.stage is ServerStage.FAILED:
-            raise ProtocolError(
-                f"round {self.round_number} already failed ({self.failure}); {action} refused"
-            )
+            raise ProtocolError(f"round {self.round_number} already failed ({self.failure}); {action} refused")
         if self.stage is not stage:
             raise ProtocolError(f"{action} needs server stage {stage.value}, server is at {self.stage.value}")
 
@@ -486,9 +518,7 @@ class ServerState:
         logger.error("secure aggregation round %d failed, nothing is applied: %s", self.round_number, reason)
         return ThresholdNotMet(f"round {self.round_number}: {reason}")
 
-    def _receive(
-        self, node: int, data: bytes, kind: Kind, allowed: set[int] | frozenset[int]
-    ) -> wire.Envelope | None:
+    def _receive(self, node: int, data: bytes, kind: Kind, allowed: set[int] | frozenset[int]) -> wire.Envelope | None:
         """Open one reply; a bad or unexpected one is recorded in ``rejected`` and its sender treated as
         dropped."""
         try:
@@ -552,7 +582,13 @@ def server_start_round(
     graph = neighbour_graph(nodes, k, graph_seed)
     state = ServerState(config, run_id, round_number, nodes, graph, vector_length, roster=roster)
     req = wire.AdvertiseRequest(
-        nodes, graph_seed, vector_length, config.threshold, 0 if k is None else k, config.modulus_bits
+        nodes,
+        graph_seed,
+        vector_length,
+        config.threshold,
+        0 if k is None else k,
+        config.modulus_bits,
+        config.consistency_check,
     )
     payload = wire.encode_advertise_request(req)
     return state, {u: state._pack(Kind.ADVERTISE_REQUEST, u, payload) for u in nodes}
@@ -583,9 +619,7 @@ def server_collect_advertisements(state: ServerState, replies: Mapping[int, byte
             if state.roster is not None:
                 state.roster.verify(
                     node,
-                    advertise_transcript(
-                        state.run_id, state.round_number, node, bundle.c_public, bundle.s_public
-                    ),
+                    advertise_transcript(state.run_id, state.round_number, node, bundle.c_public, bundle.s_public),
                     bundle.signature,
                 )
         except MessageRejected as err:
@@ -597,8 +631,7 @@ def server_collect_advertisements(state: ServerState, replies: Mapping[int, byte
     state.bundles = {u: state.bundles[u] for u in sorted(u1)}
     if len(u1) < state.config.threshold:
         raise state._fail(
-            f"{len(u1)} clients advertised keys with >= t live neighbours, threshold is "
-            f"{state.config.threshold}"
+            f"{len(u1)} clients advertised keys with >= t live neighbours, threshold is {state.config.threshold}"
         )
     state.stage = ServerStage.SHARE_KEYS
     out = {}
@@ -620,16 +653,12 @@ def server_collect_shares(state: ServerState, replies: Mapping[int, bytes]) -> d
             cts = wire.decode_ciphertexts(env.payload, "SHARE_KEYS")
             expected = set(state.graph[node] & u1)
             if set(cts) != expected:
-                raise MessageRejected(
-                    f"SHARE_KEYS from {node} addresses {sorted(cts)}, expected {sorted(expected)}"
-                )
+                raise MessageRejected(f"SHARE_KEYS from {node} addresses {sorted(cts)}, expected {sorted(expected)}")
         except MessageRejected as err:
             state.rejected[node] = str(err)
             continue
         state.ciphertexts[node] = cts
-    links = {
-        u: frozenset(v for v in state.ciphertexts if u in state.ciphertexts[v]) for u in state.ciphertexts
-    }
+    links = {u: frozenset(v for v in state.ciphertexts if u in state.ciphertexts[v]) for u in state.ciphertexts}
     u2 = _prune(set(state.ciphertexts), links, state.config.threshold - 1)
     if len(u2) < state.config.threshold:
         raise state._fail(f"{len(u2)} clients shared keys, threshold is {state.config.threshold}")
@@ -644,7 +673,10 @@ def server_collect_shares(state: ServerState, replies: Mapping[int, bytes]) -> d
 
 
 def server_collect_masked_inputs(state: ServerState, replies: Mapping[int, bytes]) -> dict[int, bytes]:
-    """Stage 3 (server): add the masked vectors (U3) modulo 2**b and send every survivor the survivor list."""
+    """Stage 3 (server): add the masked vectors (U3) modulo 2**b and send every survivor the survivor list.
+
+    The list goes out as UNMASK_REQUEST, or as CONSISTENCY_REQUEST when the consistency check is on.
+    """
     state._require(ServerStage.MASKED_INPUT, "server_collect_masked_inputs")
     bits, length = state.config.modulus_bits, state.vector_length + 1
     total: np.ndarray = np.zeros(length, dtype=np.uint32 if bits == 32 else np.uint64)
@@ -663,9 +695,41 @@ def server_collect_masked_inputs(state: ServerState, replies: Mapping[int, bytes
     if len(survivors) < state.config.threshold:
         raise state._fail(f"{len(survivors)} masked inputs arrived, threshold is {state.config.threshold}")
     state.total, state.survivors = total, tuple(survivors)
-    state.stage = ServerStage.UNMASK
+    if state.config.consistency_check:
+        state.stage = ServerStage.CONSISTENCY
+        payload = wire.encode_survivors(state.survivors)
+        return {u: state._pack(Kind.CONSISTENCY_REQUEST, u, payload) for u in state.survivors}
+    state.stage, state.unmaskers = ServerStage.UNMASK, frozenset(state.survivors)
     payload = wire.encode_unmask_request(state.survivors)
     return {u: state._pack(Kind.UNMASK_REQUEST, u, payload) for u in state.survivors}
+
+
+def server_collect_consistency(state: ServerState, replies: Mapping[int, bytes]) -> dict[int, bytes]:
+    """Stage 3b (server): gather survivors' signatures on U3 and send them, with U3, to the signers.
+
+    Needs at least t signatures (checked against the roster when the server has one); only signers are asked
+    to unmask.
+    """
+    state._require(ServerStage.CONSISTENCY, "server_collect_consistency")
+    transcript = consistency_transcript(state.run_id, state.round_number, state.survivors)
+    signatures: dict[int, bytes] = {}
+    for node in sorted(replies):
+        env = state._receive(node, replies[node], Kind.CONSISTENCY_SIGNATURE, set(state.survivors))
+        if env is None:
+            continue
+        try:
+            signature = wire.decode_signature(env.payload, "CONSISTENCY_SIGNATURE")
+            if state.roster is not None:
+                state.roster.verify(node, transcript, signature)
+        except MessageRejected as err:
+            state.rejected[node] = str(err)
+            continue
+        signatures[node] = signature
+    if len(signatures) < state.config.threshold:
+        raise state._fail(f"{len(signatures)} consistency signatures, threshold is {state.config.threshold}")
+    state.stage, state.unmaskers = ServerStage.UNMASK, frozenset(signatures)
+    payload = wire.encode_unmask_request(state.survivors, signatures)
+    return {u: state._pack(Kind.UNMASK_REQUEST, u, payload) for u in sorted(signatures)}
 
 
 def server_unmask(state: ServerState, replies: Mapping[int, bytes]) -> AggregateResult:
@@ -682,7 +746,7 @@ def server_unmask(state: ServerState, replies: Mapping[int, bytes]) -> Aggregate
     dropped = set(state.partners) - survivors
     shares: dict[tuple[int, RevealKind], list[Share]] = {}
     for node in sorted(replies):
-        env = state._receive(node, replies[node], Kind.UNMASK, survivors)
+        env = state._receive(node, replies[node], Kind.UNMASK, state.unmaskers)
         if env is None:
             continue
         try:
@@ -690,14 +754,10 @@ def server_unmask(state: ServerState, replies: Mapping[int, bytes]) -> Aggregate
             parsed = []
             for owner, kind, raw in entries:
                 if owner != node and owner not in state.partners[node]:
-                    raise MessageRejected(
-                        f"UNMASK from {node} has a share of {owner}, which it does not hold"
-                    )
+                    raise MessageRejected(f"UNMASK from {node} has a share of {owner}, which it does not hold")
                 want = RevealKind.SELF_MASK_SEED if owner in survivors else RevealKind.MASK_SECRET_KEY
                 if kind is not want:
-                    raise MessageRejected(
-                        f"UNMASK from {node} reveals {kind.name} of {owner}, expected {want.name}"
-                    )
+                    raise MessageRejected(f"UNMASK from {node} reveals {kind.name} of {owner}, expected {want.name}")
                 share = decode_share(raw, wire.SECRET_BYTES)
                 if share.holder != node:
                     raise MessageRejected(f"UNMASK from {node} carries a share held by {share.holder}")
@@ -717,14 +777,10 @@ def server_unmask(state: ServerState, replies: Mapping[int, bytes]) -> Aggregate
         for v in sorted(dropped):
             raw_key = reconstruct(shares.get((v, RevealKind.MASK_SECRET_KEY), []), t, wire.SECRET_BYTES)
             private = x25519_from_private_bytes(raw_key)
-            from secagg.keys import public_bytes
-
             if public_bytes(private.public_key()) != state.bundles[v].s_public:
                 raise MessageRejected(f"reconstructed mask key of dropped node {v} does not match its s_pk")
             for u in sorted(state.partners[v] & survivors):
-                seed = pairwise_seed(
-                    private, state.bundles[u].s_public, state.run_id, state.round_number, v, u
-                )
+                seed = pairwise_seed(private, state.bundles[u].s_public, state.run_id, state.round_number, v, u)
                 add, mask = _pair_sign_mask(u, v, seed, ctx, length, bits)
                 if add:
                     total -= mask

@@ -37,12 +37,8 @@ def derive_stream_key(seed: bytes, purpose: Purpose, context: bytes) -> bytes:
     """Derive the AES-256 key of one keystream: HKDF-SHA256(seed, salt=None,
     info=domain||purpose||context)."""
     if not isinstance(seed, bytes | bytearray) or len(seed) != SEED_BYTES:
-        raise ConfigError(
-            f"PRG seed must be {SEED_BYTES} bytes, got {type(seed).__name__} of length {len(seed)}"
-        )
-    hkdf = HKDF(
-        algorithm=hashes.SHA256(), length=32, salt=None, info=_DOMAIN + purpose.value + b"|" + context
-    )
+        raise ConfigError(f"PRG seed must be {SEED_BYTES} bytes, got {type(seed).__name__} of length {len(seed)}")
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_DOMAIN + purpose.value + b"|" + context)
     return hkdf.derive(bytes(seed))
 
 

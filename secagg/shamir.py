@@ -63,9 +63,7 @@ def split(secret: bytes, threshold: int, holders: Iterable[int], prime: int = P5
     if len(set(holder_list)) != len(holder_list):
         raise ConfigError(f"Shamir holders must be distinct, got {holder_list}")
     if threshold < 1 or threshold > len(holder_list):
-        raise ConfigError(
-            f"Shamir threshold must be in [1, {len(holder_list)}] (number of holders), got {threshold}"
-        )
+        raise ConfigError(f"Shamir threshold must be in [1, {len(holder_list)}] (number of holders), got {threshold}")
     for h in holder_list:
         if not 0 <= h < prime - 1:
             raise ConfigError(f"Shamir holder id {h} out of range for the field")
@@ -136,9 +134,7 @@ def reconstruct(shares: Sequence[Share], threshold: int, secret_length: int, pri
         value = _lagrange_at(points, 0, prime)
         width = min(step, secret_length - i * step) if secret_length else 0
         if value >= 256**width:
-            raise MessageRejected(
-                "reconstructed Shamir chunk does not fit the secret length (corrupted shares)"
-            )
+            raise MessageRejected("reconstructed Shamir chunk does not fit the secret length (corrupted shares)")
         out += value.to_bytes(width, "big")
     return bytes(out)
 

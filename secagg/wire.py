@@ -37,6 +37,7 @@ VERSION = 1
 _HEADER = struct.Struct("<4sBBH16sQQQI")
 HEADER_BYTES = _HEADER.size  # 52
 
+FLAG_CONSISTENCY_CHECK = 0x01
 SECRET_BYTES = 32
 SHARE_BYTES = share_size(SECRET_BYTES)  # 8 + 66
 #: Plaintext of one encrypted share bundle: u64 sender || u64 recipient || share(b_u) || share(s_sk_u).
@@ -57,6 +58,8 @@ class Kind(enum.IntEnum):
     MASKED_INPUT = 6
     UNMASK_REQUEST = 7
     UNMASK = 8
+    CONSISTENCY_REQUEST = 9
+    CONSISTENCY_SIGNATURE = 10
 
 
 class RevealKind(enum.IntEnum):
@@ -106,8 +109,8 @@ def unpack(
     data = bytes(data)
     if len(data) < HEADER_BYTES:
         raise MessageRejected(f"{kind.name}: truncated header ({len(data)} < {HEADER_BYTES} bytes)")
-    magic, version, got_kind, reserved, got_run, got_round, got_sender, got_recipient, length = (
-        _HEADER.unpack_from(data)
+    magic, version, got_kind, reserved, got_run, got_round, got_sender, got_recipient, length = _HEADER.unpack_from(
+        data
     )
     if magic != MAGIC:
         raise MessageRejected(f"{kind.name}: bad magic {magic!r}")
@@ -119,13 +122,9 @@ def unpack(
     if reserved != 0:
         raise MessageRejected(f"{kind.name}: reserved header field is {reserved}, must be 0")
     if run_id is not None and got_run != run_id:
-        raise MessageRejected(
-            f"{kind.name}: message is bound to run {got_run.hex()}, this is run {run_id.hex()}"
-        )
+        raise MessageRejected(f"{kind.name}: message is bound to run {got_run.hex()}, this is run {run_id.hex()}")
     if round_number is not None and got_round != round_number:
-        raise MessageRejected(
-            f"{kind.name}: message is bound to round {got_round}, this is round {round_number}"
-        )
+        raise MessageRejected(f"{kind.name}: message is bound to round {got_round}, this is round {round_number}")
     if got_recipient != recipient:
         raise MessageRejected(f"{kind.name}: message is addressed to {got_recipient}, not {recipient}")
     if sender is not None and got_sender != sender:
@@ -209,11 +208,13 @@ class AdvertiseRequest:
     threshold: int
     neighbourhood_size: int
     modulus_bits: int
+    consistency_check: bool = False
 
 
 def encode_advertise_request(req: AdvertiseRequest) -> bytes:
     head = struct.pack("<I", len(req.participants)) + req.graph_seed
     head += struct.pack("<QIIB", req.vector_length, req.threshold, req.neighbourhood_size, req.modulus_bits)
+    head += struct.pack("<B", FLAG_CONSISTENCY_CHECK if req.consistency_check else 0)
     return head + b"".join(struct.pack("<Q", p) for p in req.participants)
 
 
@@ -222,13 +223,15 @@ def decode_advertise_request(payload: bytes) -> AdvertiseRequest:
     n = r.u32()
     seed = r.take(32)
     d, t, k = r.u64(), r.u32(), r.u32()
-    bits = r.u8()
+    bits, flags = r.u8(), r.u8()
+    if flags & ~FLAG_CONSISTENCY_CHECK:
+        raise MessageRejected(f"ADVERTISE_REQUEST: unknown flags {flags:#04x}")
     ids = [r.u64() for _ in range(n)]
     r.done()
     _unique(ids, "ADVERTISE_REQUEST participants")
     if SERVER_ID in ids:
         raise MessageRejected("ADVERTISE_REQUEST: the server id is listed as a participant")
-    return AdvertiseRequest(tuple(ids), seed, d, t, k, bits)
+    return AdvertiseRequest(tuple(ids), seed, d, t, k, bits, bool(flags & FLAG_CONSISTENCY_CHECK))
 
 
 # ---- ADVERTISE_KEYS: c_pk 32B || s_pk 32B || Ed25519 signature 64B
@@ -326,20 +329,52 @@ def decode_masked_input(payload: bytes, length: int, modulus_bits: int) -> np.nd
     return np.frombuffer(payload, dtype=dtype, offset=9).astype(dtype.newbyteorder("="))
 
 
-# ---- UNMASK_REQUEST: u32 n || survivor ids u64*n
+# ---- CONSISTENCY_REQUEST: u32 n || survivor ids u64*n
+# ---- CONSISTENCY_SIGNATURE: Ed25519 signature 64B over keys.consistency_transcript(survivors)
+# ---- UNMASK_REQUEST: u32 n || survivor ids u64*n || u32 m || (u64 signer || signature 64B)*m  (m = 0 without
+#      the consistency check)
 
 
-def encode_unmask_request(survivors: tuple[int, ...]) -> bytes:
+def encode_survivors(survivors: tuple[int, ...]) -> bytes:
     return struct.pack("<I", len(survivors)) + b"".join(struct.pack("<Q", s) for s in survivors)
 
 
-def decode_unmask_request(payload: bytes) -> tuple[int, ...]:
-    r = _Reader(payload, "UNMASK_REQUEST")
+def decode_survivors(payload: bytes, what: str) -> tuple[int, ...]:
+    r = _Reader(payload, what)
     n = r.count(8)
     ids = [r.u64() for _ in range(n)]
     r.done()
-    _unique(ids, "UNMASK_REQUEST survivors")
+    _unique(ids, f"{what} survivors")
     return tuple(ids)
+
+
+def decode_signature(payload: bytes, what: str) -> bytes:
+    if len(payload) != SIGNATURE_BYTES:
+        raise MessageRejected(f"{what}: payload must be a {SIGNATURE_BYTES}-byte signature, got {len(payload)}")
+    return payload
+
+
+def encode_unmask_request(survivors: tuple[int, ...], signatures: dict[int, bytes] | None = None) -> bytes:
+    sigs = signatures or {}
+    head = encode_survivors(survivors) + struct.pack("<I", len(sigs))
+    return head + b"".join(struct.pack("<Q", s) + sigs[s] for s in sorted(sigs))
+
+
+def decode_unmask_request(payload: bytes) -> tuple[tuple[int, ...], dict[int, bytes]]:
+    """(survivors, {signer: signature over the survivor list})."""
+    r = _Reader(payload, "UNMASK_REQUEST")
+    n = r.u32()
+    ids = [r.u64() for _ in range(n)]
+    _unique(ids, "UNMASK_REQUEST survivors")
+    m = r.count(8 + SIGNATURE_BYTES)
+    sigs: dict[int, bytes] = {}
+    for _ in range(m):
+        signer = r.u64()
+        if signer in sigs:
+            raise MessageRejected(f"UNMASK_REQUEST: two signatures from node {signer}")
+        sigs[signer] = r.take(SIGNATURE_BYTES)
+    r.done()
+    return tuple(ids), sigs
 
 
 # ---- UNMASK: u32 n || (u64 owner node id || u8 RevealKind || Shamir share 74B)*n

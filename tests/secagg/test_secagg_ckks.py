@@ -129,9 +129,7 @@ def test_bad_uploads_are_rejected(contexts) -> None:  # type: ignore[no-untyped-
     )
     with pytest.raises(MessageRejected, match="key set"):
         agg({5: foreign})
-    garbage = (
-        up[: ckks.HEADER_BYTES] + up[ckks.HEADER_BYTES : ckks.HEADER_BYTES + 4] + os.urandom(len(up) - 64)
-    )
+    garbage = up[: ckks.HEADER_BYTES] + up[ckks.HEADER_BYTES : ckks.HEADER_BYTES + 4] + os.urandom(len(up) - 64)
     with pytest.raises(MessageRejected, match="not a valid ciphertext"):
         agg({5: garbage})
     with pytest.raises(CkksError, match="secret key"):

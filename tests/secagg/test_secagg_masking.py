@@ -79,11 +79,15 @@ def run_round(
     requests = masking.server_collect_shares(server, replies)
     record.sent["masked"] = requests
     replies = {
-        u: masking.masked_input(clients[u], requests[u], updates[u], weights[u])
-        for u in alive("masked", requests)
+        u: masking.masked_input(clients[u], requests[u], updates[u], weights[u]) for u in alive("masked", requests)
     }
     record.received["masked"] = replies
     requests = masking.server_collect_masked_inputs(server, replies)
+    if config.consistency_check:
+        record.sent["consistency"] = requests
+        replies = {u: masking.consistency_check(clients[u], requests[u]) for u in alive("consistency", requests)}
+        record.received["consistency"] = replies
+        requests = masking.server_collect_consistency(server, replies)
     record.sent["unmask"] = requests
     replies = {u: masking.unmask(clients[u], requests[u]) for u in alive("unmask", requests)}
     record.received["unmask"] = replies
@@ -201,9 +205,7 @@ def test_key_substitution_by_the_server_is_caught() -> None:
         req2[victim], kind=Kind.SHARE_KEYS_REQUEST, run_id=server.run_id, round_number=9, recipient=victim
     )
     bundles = wire.decode_share_keys_request(env.payload)
-    forged = wire.KeyBundle(
-        bytes([9]) * 32, bundles[attacker_view].s_public, bundles[attacker_view].signature
-    )
+    forged = wire.KeyBundle(bytes([9]) * 32, bundles[attacker_view].s_public, bundles[attacker_view].signature)
     bundles[attacker_view] = forged
     tampered = wire.pack(
         Kind.SHARE_KEYS_REQUEST, server.run_id, 9, SERVER_ID, victim, wire.encode_share_keys_request(bundles)
@@ -217,9 +219,7 @@ def test_impostor_outside_roster_is_caught() -> None:
     nodes = sorted(FED8.identities)[:3]
     impostor = Identity.generate(nodes[1])  # same node id, key not in the roster
     fake = masking.ClientState(cfg, impostor, Roster.from_identities([impostor]))
-    clients = {
-        u: masking.ClientState.create(cfg, FED8.identities[u], FED8.roster) for u in (nodes[0], nodes[2])
-    }
+    clients = {u: masking.ClientState.create(cfg, FED8.identities[u], FED8.roster) for u in (nodes[0], nodes[2])}
     clients[nodes[1]] = fake
     server, req = masking.server_start_round(cfg, nodes, 4, 9)  # server without roster forwards anything
     adv = {u: masking.advertise_keys(clients[u], req[u]) for u in nodes}
@@ -418,3 +418,73 @@ def test_provisioned_identities_load_back(tmp_path) -> None:  # type: ignore[no-
     assert loaded.to_bytes() == roster.to_bytes()
     assert masking.public_key_of(loaded, 4) == ident.public
     assert ((tmp_path / identity_file_name(4)).stat().st_mode & 0o777) == 0o600
+
+
+def test_consistency_check_round_with_dropouts() -> None:
+    cfg = MaskingConfig(threshold=3, consistency_check=True, scale=2.0**8)
+    nodes = sorted(FED8.identities)[:6]
+    ups = _grid_updates(np.random.default_rng(2), nodes, 7, 2.0**8)
+    drops = {"masked": {nodes[0]}, "consistency": {nodes[1]}, "unmask": {nodes[2]}}
+    rec = RoundRecord()
+    res = run_round(cfg, FED8, ups, drop_before=drops, record=rec)
+    assert res.survivors == tuple(nodes[1:])
+    np.testing.assert_array_equal(res.mean, np.mean([ups[u] for u in nodes[1:]], axis=0))
+    assert rec.server is not None and rec.server.unmaskers == frozenset(nodes[2:])
+
+
+def _to_consistency_stage(cfg: MaskingConfig, nodes: list[int]):  # type: ignore[no-untyped-def]
+    clients = {u: masking.ClientState.create(cfg, FED8.identities[u], FED8.roster) for u in nodes}
+    server, req = masking.server_start_round(cfg, nodes, 3, 9, roster=FED8.roster)
+    rep = {u: masking.advertise_keys(clients[u], req[u]) for u in nodes}
+    req = masking.server_collect_advertisements(server, rep)
+    rep = {u: masking.share_keys(clients[u], req[u]) for u in nodes}
+    req = masking.server_collect_shares(server, rep)
+    rep = {u: masking.masked_input(clients[u], req[u], np.zeros(3)) for u in nodes}
+    return clients, server, masking.server_collect_masked_inputs(server, rep)
+
+
+def test_consistency_check_catches_server_equivocation() -> None:
+    """The server tells node a that node z dropped, and everyone else that z survived."""
+    cfg = MaskingConfig(threshold=3, consistency_check=True)
+    nodes = sorted(FED8.identities)[:5]
+    clients, server, _ = _to_consistency_stage(cfg, nodes)
+    a, z = nodes[0], nodes[4]
+    run, rnd = server.run_id, server.round_number
+
+    def request(kind: Kind, to: int, payload: bytes) -> bytes:
+        return wire.pack(kind, run, rnd, SERVER_ID, to, payload)
+
+    full, short = tuple(nodes), tuple(u for u in nodes if u != z)
+    sigs = {}
+    for u in nodes:
+        view = short if u == a else full
+        reply = masking.consistency_check(clients[u], request(Kind.CONSISTENCY_REQUEST, u, wire.encode_survivors(view)))
+        sigs[u] = reply[wire.HEADER_BYTES :]
+    # Node a is shown the short list with the others' signatures (made over the full list): invalid; adding
+    # z's signature names a node the list says dropped.
+    others = {u: sigs[u] for u in nodes if u != a}
+    in_short = {u: sigs[u] for u in short if u != a}
+    with pytest.raises(SignatureInvalid):
+        masking.unmask(clients[a], request(Kind.UNMASK_REQUEST, a, wire.encode_unmask_request(short, in_short)))
+    clients[a].guard.seen.discard((int(Kind.UNMASK_REQUEST), SERVER_ID))
+    with pytest.raises(MessageRejected, match="non-survivors"):
+        masking.unmask(clients[a], request(Kind.UNMASK_REQUEST, a, wire.encode_unmask_request(short, others)))
+    # Node a is shown the full list: it differs from the one a signed.
+    clients[a].guard.seen.discard((int(Kind.UNMASK_REQUEST), SERVER_ID))
+    with pytest.raises(MessageRejected, match="differs from the one node"):
+        masking.unmask(clients[a], request(Kind.UNMASK_REQUEST, a, wire.encode_unmask_request(full, others)))
+    # Too few signatures, and a signature by a non-survivor, are refused as well.
+    b = nodes[1]
+    two = {u: sigs[u] for u in nodes[1:3]}
+    with pytest.raises(ThresholdNotMet, match="2 consistency signatures"):
+        masking.unmask(clients[b], request(Kind.UNMASK_REQUEST, b, wire.encode_unmask_request(full, two)))
+
+
+def test_consistency_setting_must_match() -> None:
+    nodes = sorted(FED8.identities)[:3]
+    _, req = masking.server_start_round(MaskingConfig(threshold=2), nodes, 4, 1)
+    client = masking.ClientState.create(
+        MaskingConfig(threshold=2, consistency_check=True), FED8.identities[nodes[0]], FED8.roster
+    )
+    with pytest.raises(MessageRejected, match="consistency check"):
+        masking.advertise_keys(client, req[nodes[0]])

@@ -63,10 +63,7 @@ def test_t_minus_one_shares_are_uniform_whatever_the_secret() -> None:
     seen = {}
     for secret in (0, 200):
         pairs = np.array(
-            [
-                [s.values[0] for s in split(bytes([secret]), 3, [0, 1, 2, 3], prime=p).values()][:2]
-                for _ in range(draws)
-            ]
+            [[s.values[0] for s in split(bytes([secret]), 3, [0, 1, 2, 3], prime=p).values()][:2] for _ in range(draws)]
         )
         seen[secret] = pairs
         assert stats.chisquare(np.bincount(pairs[:, 0], minlength=p)).pvalue > 1e-6

@@ -64,13 +64,25 @@ def test_bad_envelopes_are_rejected(mutate, match) -> None:  # type: ignore[no-u
         _open(mutate(_msg()))
 
 
-@settings(max_examples=60, deadline=None)
-@given(cut=st.integers(0, 52 + 4 + 16 - 1))
+UNMASK_REQUEST_PAYLOAD = wire.encode_unmask_request((1, 2), {2: bytes(range(64))})
+
+
+@settings(max_examples=80, deadline=None)
+@given(cut=st.integers(0, wire.HEADER_BYTES + len(UNMASK_REQUEST_PAYLOAD) - 1))
 def test_any_truncation_is_rejected(cut: int) -> None:
-    data = _msg(payload=wire.encode_unmask_request((1, 2)))
+    data = _msg(payload=UNMASK_REQUEST_PAYLOAD)
+    assert wire.decode_unmask_request(_open(data).payload) == ((1, 2), {2: bytes(range(64))})
     with pytest.raises(MessageRejected):
         env = _open(data[:cut])
         wire.decode_unmask_request(env.payload)
+
+
+@settings(max_examples=80, deadline=None)
+@given(cut=st.integers(0, len(UNMASK_REQUEST_PAYLOAD) - 1))
+def test_any_payload_truncation_is_rejected(cut: int) -> None:
+    """Also when the header's length field is rewritten to match (an attacker who re-frames the message)."""
+    with pytest.raises(MessageRejected):
+        wire.decode_unmask_request(UNMASK_REQUEST_PAYLOAD[:cut])
 
 
 def test_replay_guard() -> None:
@@ -82,12 +94,16 @@ def test_replay_guard() -> None:
 
 
 def test_payload_counts_are_checked() -> None:
-    good = wire.encode_unmask_request((3, 5))
-    assert wire.decode_unmask_request(good) == (3, 5)
+    good = wire.encode_survivors((3, 5))
+    assert wire.decode_survivors(good, "X") == (3, 5)
     with pytest.raises(MessageRejected, match="count"):
-        wire.decode_unmask_request(struct.pack("<I", 3) + good[4:])
+        wire.decode_survivors(struct.pack("<I", 3) + good[4:], "X")
     with pytest.raises(MessageRejected, match="twice"):
-        wire.decode_unmask_request(wire.encode_unmask_request((3, 3)))
+        wire.decode_survivors(wire.encode_survivors((3, 3)), "X")
+    with pytest.raises(MessageRejected, match="count"):
+        wire.decode_unmask_request(wire.encode_unmask_request((3, 5)) + b"\x00")
+    with pytest.raises(MessageRejected, match="64-byte signature"):
+        wire.decode_signature(bytes(63), "X")
     with pytest.raises(MessageRejected, match="must be 128 bytes"):
         wire.decode_key_bundle(bytes(127))
     ct = {4: bytes(wire.SHARE_CIPHERTEXT_BYTES)}
@@ -112,6 +128,12 @@ def test_masked_input_length_and_width_are_checked() -> None:
 def test_advertise_request_round_trip_and_server_id_refused() -> None:
     req = wire.AdvertiseRequest((1, 2, 3), bytes(32), 10, 2, 0, 32)
     assert wire.decode_advertise_request(wire.encode_advertise_request(req)) == req
+    checked = wire.AdvertiseRequest((1, 2, 3), bytes(32), 10, 2, 0, 32, consistency_check=True)
+    raw = wire.encode_advertise_request(checked)
+    assert wire.decode_advertise_request(raw) == checked
+    flags_at = 4 + 32 + 8 + 4 + 4 + 1
+    with pytest.raises(MessageRejected, match="unknown flags"):
+        wire.decode_advertise_request(raw[:flags_at] + b"\x03" + raw[flags_at + 1 :])
     bad = wire.AdvertiseRequest((1, SERVER_ID), bytes(32), 10, 2, 0, 32)
     with pytest.raises(MessageRejected, match="server id"):
         wire.decode_advertise_request(wire.encode_advertise_request(bad))
