@@ -31,3 +31,6 @@ __all__ = [
     "register_dataset",
     "voc2007",
 ]
+
+# The synthetic world registers itself as "synthetic"; imported last because it builds on the modules above.
+from fedmpt.world import loader as _synthetic_loader  # noqa: E402, F401

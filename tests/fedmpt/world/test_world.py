@@ -158,3 +158,18 @@ def test_render_rejects_nothing_for_every_condition_value() -> None:
             scene = Scene(("star", "tree", "heart", "house"), ("red", "blue", "white", "black"), tuple(cond))
             out = render_scene(scene, rng)
             assert out.image.shape == (64, 64, 3) and out.image.dtype == np.uint8
+
+
+def test_synthetic_world_is_a_load_dataset_dataset() -> None:
+    from fedmpt.data import DATASETS, load_dataset
+
+    assert "synthetic" in DATASETS
+    data = load_dataset("synthetic", ".", "client1-train", num_clients=2, train_per_client=12, seed=4)
+    direct = make_federated_world(FederatedWorldConfig(num_clients=2, train_per_client=12, seed=4)).clients[1].train
+    np.testing.assert_array_equal(data.labels, direct.labels)
+    image, row = data[3]
+    np.testing.assert_array_equal(np.asarray(image), direct.image(3))
+    with pytest.raises(ConfigError, match="unknown synthetic split"):
+        load_dataset("synthetic", ".", "client9-train", num_clients=2)
+    with pytest.raises(ConfigError, match="bad synthetic world option"):
+        load_dataset("synthetic", ".", "test-iid", colour_count=3)
