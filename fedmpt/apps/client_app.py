@@ -8,6 +8,9 @@ a reply carries only the trainable state (``train``) or metrics (``evaluate``). 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -15,17 +18,14 @@ from fedmpt.apps import task
 from fedmpt.apps.config import read_app_config, read_node_config
 from fedmpt.apps.messages import Key, RecordName, from_array_record, to_array_record
 
-app = ClientApp()
 
-
-def _client_data(context: Context) -> tuple[task.TaskConfig, int, task.ClientData]:
-    config = read_app_config(context.run_config)
+def _client_data(context: Context, overrides: Mapping[str, Any]) -> tuple[task.TaskConfig, int, task.ClientData]:
+    config = read_app_config({**context.run_config, **overrides})
     node = read_node_config(context.node_config)
     data = task.load_client_data(config.task, node.partition_id, node.num_partitions, config.federation.seed)
     return config.task, node.partition_id, data
 
 
-@app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node serves."""
     node = read_node_config(context.node_config)
@@ -33,10 +33,9 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({RecordName.CONFIG: reply}), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def train(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Message:
     """Local training from the received global state; reply with the local state and the example count."""
-    task_config, partition_id, data = _client_data(context)
+    task_config, partition_id, data = _client_data(context, overrides)
     global_arrays = from_array_record(msg.content.array_records[RecordName.ARRAYS])
     local_arrays, num_examples, train_metrics = task.client_update(global_arrays, data, task_config)
     metrics = MetricRecord({**train_metrics, Key.NUM_EXAMPLES: num_examples, Key.PARTITION_ID: partition_id})
@@ -44,11 +43,37 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+def evaluate(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Message:
     """Evaluate the received global state on this client's own test split."""
-    _, partition_id, data = _client_data(context)
+    _, partition_id, data = _client_data(context, overrides)
     global_arrays = from_array_record(msg.content.array_records[RecordName.ARRAYS])
     metrics: dict[str, MetricRecordValues] = {**task.evaluate(global_arrays, data.test)}
     metrics[Key.PARTITION_ID] = partition_id
     return Message(RecordDict({RecordName.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp whose handlers read ``context.run_config`` updated with ``overrides``.
+
+    ``overrides`` serves the in-process simulation (``fedmpt run``), where Flower passes an empty run config;
+    under ``flwr run`` it is empty and the run config comes from Flower.
+    """
+    fixed = dict(overrides or {})
+    client_app = ClientApp()
+
+    @client_app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return query(msg, context)
+
+    @client_app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train(msg, context, fixed)
+
+    @client_app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return evaluate(msg, context, fixed)
+
+    return client_app
+
+
+app = build_client_app()

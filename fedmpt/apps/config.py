@@ -15,7 +15,9 @@ The node config (``--node-config`` of a SuperNode, or the simulation's virtual n
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -93,8 +95,7 @@ class NodeConfig:
         _int("partition-id", self.partition_id, 0, where="node config")
         if self.partition_id >= self.num_partitions:
             raise ConfigError(
-                f"node config 'partition-id' must be < num-partitions={self.num_partitions}, "
-                f"got {self.partition_id}"
+                f"node config 'partition-id' must be < num-partitions={self.num_partitions}, got {self.partition_id}"
             )
 
 
@@ -158,3 +159,52 @@ def read_node_config(node_config: Mapping[str, Any]) -> NodeConfig:
             f'--node-config "partition-id=<k> num-partitions=<n>", got {dict(node_config)!r}'
         )
     return NodeConfig(partition_id=node_config["partition-id"], num_partitions=node_config["num-partitions"])
+
+
+_PAIR = re.compile(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""")
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def parse_run_config_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Parse ``--run-config`` arguments the way ``flwr run`` does: ``"k1=v1 k2=v2"`` pairs or one ``.toml`` file.
+
+    Values are TOML (``5``, ``0.5``, ``true``, ``"text"``); a TOML file's nested tables become dotted keys.
+    Later items override earlier ones. Keys are not checked here; :func:`read_app_config` does that.
+
+    Raises:
+        ConfigError: an unreadable or malformed file, a malformed pair, or text that is not ``key=value``.
+    """
+    overrides: dict[str, Any] = {}
+    for item in items:
+        if item.endswith(".toml"):
+            path = Path(item).expanduser()
+            try:
+                with path.open("rb") as handle:
+                    overrides.update(_flatten(tomllib.load(handle)))
+            except OSError as err:
+                raise ConfigError(f"cannot read run-config file {path}: {err}") from err
+            except tomllib.TOMLDecodeError as err:
+                raise ConfigError(f"run-config file {path} is not valid TOML: {err}") from err
+            continue
+        pairs = _PAIR.findall(item)
+        leftover = _PAIR.sub("", item).strip()
+        if leftover or not pairs:
+            raise ConfigError(f"--run-config expects 'key=value key2=value2', got {item!r}")
+        for key, raw in pairs:
+            try:
+                overrides[key] = tomllib.loads(f"v = {raw}")["v"]
+            except tomllib.TOMLDecodeError as err:
+                raise ConfigError(
+                    f'--run-config value of {key!r} must be TOML (5, 0.5, true, "text"), got {raw!r}'
+                ) from err
+    return overrides

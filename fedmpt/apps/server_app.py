@@ -43,10 +43,8 @@ from fedmpt.rundir import ClientFailure, RoundRecord, RunDirectory
 # A child of Flower's logger, so that progress reaches `flwr run --stream` and the simulation's console.
 logger = logging.getLogger("flwr.fedmpt.server")
 
-app = ServerApp()
 
 _POLL_S = 0.5
-_QUERY_TIMEOUT_S = 60.0
 _PROGRESS_KEYS = ("mAP", "CF1", "OF1")
 
 
@@ -98,10 +96,13 @@ def _wait_for_nodes(grid: Grid, minimum: int, wait_s: float) -> list[int]:
         time.sleep(_POLL_S)
 
 
-def _discover(grid: Grid, roster: _Roster, node_ids: list[int], server_round: int) -> None:
+def _discover(
+    grid: Grid, roster: _Roster, node_ids: list[int], server_round: int, timeout_s: float
+) -> list[ClientFailure]:
+    """Ask every node of unknown partition for it (``query``); returns the nodes that did not say."""
     unknown = [n for n in node_ids if n not in roster.partition_of]
     if not unknown:
-        return
+        return []
     messages = [
         Message(
             RecordDict({RecordName.CONFIG: ConfigRecord()}),
@@ -111,17 +112,24 @@ def _discover(grid: Grid, roster: _Roster, node_ids: list[int], server_round: in
         )
         for n in unknown
     ]
-    for reply in grid.send_and_receive(messages, timeout=_QUERY_TIMEOUT_S):
+    reasons: dict[int, str] = dict.fromkeys(unknown, f"no reply to the partition query within {timeout_s:g} s")
+    for reply in grid.send_and_receive(messages, timeout=timeout_s):
         node_id = reply.metadata.src_node_id
+        if node_id not in reasons:
+            continue
         if reply.has_error():
-            logger.warning("node %s did not say its partition: %s", node_id, reply.error.reason)
+            reasons[node_id] = f"partition query failed: error {reply.error.code}: {reply.error.reason}"
             continue
         config = reply.content.config_records.get(RecordName.CONFIG, ConfigRecord())
         partition_id = config.get(Key.PARTITION_ID)
-        if isinstance(partition_id, int) and not isinstance(partition_id, bool):
+        if isinstance(partition_id, int) and not isinstance(partition_id, bool) and partition_id >= 0:
             roster.partition_of[node_id] = partition_id
+            del reasons[node_id]
         else:
-            logger.warning("node %s replied without a valid partition-id: %r", node_id, partition_id)
+            reasons[node_id] = f"partition query reply without a valid partition-id: {partition_id!r}"
+    for node_id, reason in reasons.items():
+        logger.warning("node %s: %s", node_id, reason)
+    return [ClientFailure(node_id, reason) for node_id, reason in sorted(reasons.items())]
 
 
 def _exchange(
@@ -136,9 +144,7 @@ def _exchange(
     """Send ``arrays`` to every client in ``targets`` (client id -> node id); collect replies and failures."""
     messages = [
         Message(
-            RecordDict(
-                {RecordName.ARRAYS: arrays, RecordName.CONFIG: ConfigRecord({Key.SERVER_ROUND: server_round})}
-            ),
+            RecordDict({RecordName.ARRAYS: arrays, RecordName.CONFIG: ConfigRecord({Key.SERVER_ROUND: server_round})}),
             dst_node_id=node_id,
             message_type=message_type,
             group_id=str(server_round),
@@ -182,9 +188,7 @@ def _parse_reply(
     metric_records = reply.content.metric_records
     if RecordName.METRICS not in metric_records:
         return "no metrics record", (None, {}, 0)
-    metrics = {
-        k: float(v) for k, v in metric_records[RecordName.METRICS].items() if isinstance(v, int | float)
-    }
+    metrics = {k: float(v) for k, v in metric_records[RecordName.METRICS].items() if isinstance(v, int | float)}
     if expect_arrays is None:
         return "", (None, metrics, 0)
     record = reply.content.array_records.get(RecordName.ARRAYS)
@@ -202,9 +206,7 @@ def _parse_reply(
 
 
 def _format_progress(record: RoundRecord, total_rounds: int) -> str:
-    scores = " ".join(
-        f"{k} {100 * record.global_metrics[k]:.1f}" for k in _PROGRESS_KEYS if k in record.global_metrics
-    )
+    scores = " ".join(f"{k} {100 * record.global_metrics[k]:.1f}" for k in _PROGRESS_KEYS if k in record.global_metrics)
     failed = ", ".join(f"{f.client_id}({f.reason})" for f in record.clients_failed) or "none"
     return (
         f"[round {record.round}/{total_rounds}] replied {len(record.clients_replied)}/"
@@ -231,7 +233,7 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
     for server_round in range(point.round + 1, fed.num_server_rounds + 1):
         started = time.monotonic()
         node_ids = _wait_for_nodes(grid, fed.min_clients, fed.wait_for_clients_s)
-        _discover(grid, roster, node_ids, server_round)
+        unidentified = _discover(grid, roster, node_ids, server_round, fed.round_timeout_s)
         available = roster.available(node_ids)
         if len(available) < fed.min_clients:
             raise FederationError(
@@ -239,9 +241,7 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
                 f"min-clients is {fed.min_clients}"
             )
         client_ids = sorted(available)
-        chosen = sample_participants(
-            len(client_ids), fed.fraction_train, server_round, fed.seed, fed.min_clients
-        )
+        chosen = sample_participants(len(client_ids), fed.fraction_train, server_round, fed.seed, fed.min_clients)
         targets = {client_ids[i]: available[client_ids[i]] for i in chosen}
         shapes = {name: tuple(a.shape) for name, a in arrays.items()}
         replies, failures, bytes_down = _exchange(
@@ -294,7 +294,7 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
             wall_time_s=time.monotonic() - started,
             clients_sampled=tuple(sorted(targets)),
             clients_replied=tuple(r.client_id for r in replies),
-            clients_failed=tuple(failures),
+            clients_failed=tuple(unidentified) + tuple(failures),
             bytes_down=bytes_down + eval_bytes,
             bytes_up=bytes_up,
             global_metrics=global_metrics,
@@ -316,7 +316,16 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
     return run
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Flower entry point: read the run config once, then run the federation."""
-    run_federation(grid, read_app_config(context.run_config))
+def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp that reads ``context.run_config`` updated with ``overrides`` once, then runs the federation."""
+    fixed = dict(overrides or {})
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_federation(grid, read_app_config({**context.run_config, **fixed}))
+
+    return server_app
+
+
+app = build_server_app()

@@ -128,9 +128,7 @@ def _truth(config: TaskConfig, seed: int) -> tuple[NDArray[np.float64], NDArray[
     return w, b
 
 
-def _sample(
-    config: TaskConfig, seed: int, n: int, shift: NDArray[np.float64], rng: np.random.Generator
-) -> Split:
+def _sample(config: TaskConfig, seed: int, n: int, shift: NDArray[np.float64], rng: np.random.Generator) -> Split:
     w, b = _truth(config, seed)
     x = rng.standard_normal((n, config.num_features)) + shift  # (n, d)
     logits = x @ w + b + 0.5 * rng.standard_normal((n, config.num_classes))  # (n, C)
