@@ -195,9 +195,7 @@ def _pld_event(sigma: float, q: float) -> dp_event.DpEvent:
 def _epsilon_pld_grouped(groups: _Groups, delta: float, value_discretization_interval: float) -> float:
     if not groups:
         return 0.0
-    accountant = pld_privacy_accountant.PLDAccountant(
-        value_discretization_interval=value_discretization_interval
-    )
+    accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=value_discretization_interval)
     for sigma, q, steps in groups:
         accountant.compose(_pld_event(sigma, q), steps)
     return float(accountant.get_epsilon(delta))
@@ -243,9 +241,7 @@ def epsilon_prv(history: Iterable[DpSgdEvent], delta: float, eps_error: float = 
     try:
         return float(accountant.get_epsilon(delta=delta, eps_error=eps_error))
     except (ValueError, RuntimeError, MemoryError, OverflowError) as err:
-        raise AccountingError(
-            f"PRV accountant failed for history {groups!r} at delta={delta!r}: {err}"
-        ) from err
+        raise AccountingError(f"PRV accountant failed for history {groups!r} at delta={delta!r}: {err}") from err
 
 
 def compute_epsilon(
@@ -307,8 +303,7 @@ class PrivacyAccountant:
         for index, item in enumerate(state):
             if len(item) != 3:
                 raise PrivacyParameterError(
-                    f"accountant state entry {index} must be [noise_multiplier, sample_rate, steps], "
-                    f"got {item!r}"
+                    f"accountant state entry {index} must be [noise_multiplier, sample_rate, steps], got {item!r}"
                 )
             sigma, q, steps = item
             events.append(DpSgdEvent(noise_multiplier=sigma, sample_rate=q, steps=int(steps)))

@@ -68,9 +68,7 @@ def clopper_pearson(successes: int, trials: int, alpha: float = 0.05) -> tuple[f
     trials = _check_count(trials, "trials")
     successes = _check_count(successes, "successes")
     if trials == 0 or successes > trials:
-        raise PrivacyParameterError(
-            f"need 0 <= successes <= trials and trials >= 1, got {successes}/{trials}"
-        )
+        raise PrivacyParameterError(f"need 0 <= successes <= trials and trials >= 1, got {successes}/{trials}")
     alpha = _check_alpha(alpha)
     lower, upper = _clopper_pearson_arrays(np.array([successes], dtype=np.int64), trials, alpha)
     return float(lower[0]), float(upper[0])
@@ -254,9 +252,7 @@ def one_run_guesses(scores: ArrayLike, k_pos: int, k_neg: int) -> NDArray[np.int
     values = _scores(scores, "scores")
     k_pos, k_neg = _check_count(k_pos, "k_pos"), _check_count(k_neg, "k_neg")
     if k_pos + k_neg > values.size:
-        raise PrivacyParameterError(
-            f"k_pos + k_neg = {k_pos + k_neg} exceeds the number of canaries {values.size}"
-        )
+        raise PrivacyParameterError(f"k_pos + k_neg = {k_pos + k_neg} exceeds the number of canaries {values.size}")
     order = np.argsort(values, kind="stable")  # ascending
     guesses = np.zeros(values.size, dtype=np.int8)
     if k_neg:

@@ -108,12 +108,7 @@ def _check_identifier(value: object, name: str) -> str:
 
 
 def _check_positive_float(value: object, name: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise PrivacyParameterError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
@@ -283,9 +278,7 @@ class LedgerEntry:
         for f in fields(cls):
             _check_type(f.name, data[f.name])
         if data["schema_version"] != SCHEMA_VERSION:
-            raise LedgerError(
-                f"unsupported schema_version {data['schema_version']!r} (expected {SCHEMA_VERSION})"
-            )
+            raise LedgerError(f"unsupported schema_version {data['schema_version']!r} (expected {SCHEMA_VERSION})")
         return cls(**data)
 
 
@@ -324,14 +317,17 @@ def _check_type(name: str, value: object) -> None:
     elif name == "secure_mode":
         ok = isinstance(value, bool)
     else:  # versions
-        ok = isinstance(value, dict) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-        )
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
     if not ok:
         raise LedgerError(f"entry field {name!r} has the wrong type: {value!r}")
     patterns = {"prev_hash": _HEX64, "public_key": _HEX64, "signature": _HEX128, "key_id": _KEY_ID}
     if name in patterns and patterns[name].fullmatch(str(value)) is None:
         raise LedgerError(f"entry field {name!r} is not in canonical form: {value!r}")
+    if name == "public_key":
+        try:
+            Ed25519PublicKey.from_public_bytes(bytes.fromhex(str(value)))
+        except ValueError:
+            raise LedgerError(f"entry field 'public_key' is not a valid Ed25519 public key: {value!r}") from None
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -452,9 +448,7 @@ class NodeIdentity:
         encryption: serialization.KeySerializationEncryption = (
             serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
         )
-        pem = self._private_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-        )
+        pem = self._private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
         try:
             fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
@@ -542,7 +536,10 @@ def _append_lines(path: Path, lines: list[bytes], expected_size: int) -> int:
     Raises :class:`LedgerError` if the file is no longer ``expected_size`` bytes long (another writer).
     """
     created = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise LedgerError(f"cannot open ledger {path} for appending: {err}") from err
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         size = os.fstat(fd).st_size
@@ -654,8 +651,7 @@ class Ledger:
                 raise LedgerError(f"ledger {self._path} records {name}={recorded!r}; release has {given!r}")
         if release.round < last.round:
             raise LedgerError(
-                f"ledger {self._path}: release round {release.round} is before the last recorded round "
-                f"{last.round}"
+                f"ledger {self._path}: release round {release.round} is before the last recorded round {last.round}"
             )
 
     def preview_epsilons(self, release: Release) -> tuple[float, float]:
@@ -784,9 +780,7 @@ def merge_node_entries(
         if pinned is not None and entry.public_key != public_key_to_hex(pinned):
             raise LedgerError(f"{where}: signed by {entry.key_id}, not by the roster key")
         if tip is not None and entry.public_key != tip.public_key:
-            raise LedgerError(
-                f"{where}: signed by {entry.key_id}, not by the key of the node's earlier entries"
-            )
+            raise LedgerError(f"{where}: signed by {entry.key_id}, not by the key of the node's earlier entries")
         if entry.key_id != key_id_of(public_key_from_hex(entry.public_key)):
             raise LedgerError(f"{where}: key_id does not match public_key")
         if not entry.verify_signature():
@@ -937,9 +931,7 @@ def verify_ledger(
     failures: list[VerificationFailure] = []
     states: dict[str, _NodeState] = {}
     trusted_hex = (
-        {node: public_key_to_hex(key) for node, key in trusted_keys.items()}
-        if trusted_keys is not None
-        else None
+        {node: public_key_to_hex(key) for node, key in trusted_keys.items()} if trusted_keys is not None else None
     )
     for number, line in enumerate(lines, start=1):
         if number == len(lines) and not complete:
@@ -992,9 +984,7 @@ def verify_ledger(
 
 def roster_json(identities: Mapping[str, NodeIdentity]) -> str:
     """A key roster (JSON text) for ``{node_id: identity}``: what :func:`load_roster` reads."""
-    return json.dumps(
-        {node: ident.public_key_hex for node, ident in identities.items()}, indent=2, sort_keys=True
-    )
+    return json.dumps({node: ident.public_key_hex for node, ident in identities.items()}, indent=2, sort_keys=True)
 
 
 __all__ = [

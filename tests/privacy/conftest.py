@@ -52,8 +52,7 @@ def run_ledger(
     run_path = directory / "epsilon_ledger.jsonl"
     for round_ in (1, 2):
         round_entries = [
-            ledgers[node].append(_make_release(node, round_, steps=2 + round_ + i))
-            for i, node in enumerate(ledgers)
+            ledgers[node].append(_make_release(node, round_, steps=2 + round_ + i)) for i, node in enumerate(ledgers)
         ]
         merge_node_entries(run_path, round_entries)
     return run_path, node_paths

@@ -182,9 +182,7 @@ def test_accountant_state_round_trips_through_json() -> None:
         accountant.compose(DpSgdEvent(1.2, 0.05, round_steps))
     restored = PrivacyAccountant.from_state_dict(json.loads(json.dumps(accountant.state_dict())))
     assert restored.history == accountant.history
-    assert restored.get_epsilon(DELTA) == opacus_rdp(
-        [(1.2, 0.05, 10), (1.2, 0.05, 10), (1.2, 0.05, 12)], DELTA
-    )
+    assert restored.get_epsilon(DELTA) == opacus_rdp([(1.2, 0.05, 10), (1.2, 0.05, 10), (1.2, 0.05, 12)], DELTA)
     assert compute_epsilon(restored.history, DELTA, "pld") == epsilon_pld(accountant.history, DELTA)
 
 

@@ -106,9 +106,7 @@ def test_entries_record_the_release_and_cumulative_epsilon(run_ledger: RunLedger
     )
     assert first["epsilon_rdp"] == pytest.approx(opacus_rdp([(1.0, 0.1, 3)]), rel=1e-12)
     assert second["epsilon_rdp"] == pytest.approx(opacus_rdp([(1.0, 0.1, 3), (1.0, 0.1, 4)]), rel=1e-12)
-    pld = pld_privacy_accountant.PLDAccountant(
-        value_discretization_interval=second["pld_value_discretization"]
-    )
+    pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=second["pld_value_discretization"])
     pld.compose(dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(1.0)), 3)
     pld.compose(dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(1.0)), 4)
     assert second["epsilon_pld"] == pytest.approx(pld.get_epsilon(DELTA), rel=1e-4)
@@ -177,9 +175,7 @@ def test_floats_round_trip_exactly_through_the_canonical_form(
     base = LedgerEntry.from_line(read_lines(run_ledger[0])[0])
     entry = dataclasses.replace(base, epsilon_rdp=values[0], epsilon_pld=values[1], max_grad_norm=values[2])
     parsed = LedgerEntry.from_line(entry.canonical_bytes())
-    for original, restored in zip(
-        values, (parsed.epsilon_rdp, parsed.epsilon_pld, parsed.max_grad_norm), strict=True
-    ):
+    for original, restored in zip(values, (parsed.epsilon_rdp, parsed.epsilon_pld, parsed.max_grad_norm), strict=True):
         assert struct.pack("<d", original) == struct.pack("<d", restored)
 
 
@@ -211,18 +207,14 @@ def test_intact_ledgers_verify(run_ledger: RunLedger, identities: dict[str, Node
         assert verify_ledger(path, roster).ok
 
 
-def test_interleaving_of_different_nodes_is_allowed(
-    run_ledger: RunLedger, copy_of: Callable[[Path], Path]
-) -> None:
+def test_interleaving_of_different_nodes_is_allowed(run_ledger: RunLedger, copy_of: Callable[[Path], Path]) -> None:
     path = copy_of(run_ledger[0])
     a0, b0, a1, b1 = read_lines(path)
     write_lines(path, [b0, a0, b1, a1])
     assert verify_ledger(path).ok
 
 
-def test_roster_lists_nodes_without_entries(
-    run_ledger: RunLedger, identities: dict[str, NodeIdentity]
-) -> None:
+def test_roster_lists_nodes_without_entries(run_ledger: RunLedger, identities: dict[str, NodeIdentity]) -> None:
     roster = {node: identity.public_key for node, identity in identities.items()}
     report = verify_ledger(run_ledger[0], roster)
     assert report.ok and report.missing_nodes == ("mallory",)
@@ -241,9 +233,7 @@ def test_every_single_byte_edit_of_a_small_ledger_is_detected(
         tampered = bytearray(original)
         tampered[position] ^= 0x01  # flips the lowest bit: digits, letters, quotes, hex case stay "plausible"
         path.write_bytes(bytes(tampered))
-        assert not verify_ledger(path).ok, (
-            f"edit at byte {position} ({chr(original[position])!r}) not detected"
-        )
+        assert not verify_ledger(path).ok, f"edit at byte {position} ({chr(original[position])!r}) not detected"
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -292,9 +282,7 @@ def test_entry_signed_by_another_key_is_detected(
 ) -> None:
     path = copy_of(run_ledger[0])
     lines = read_lines(path)
-    lines[2] = resign(
-        LedgerEntry.from_line(lines[2]), identities["mallory"]
-    ).canonical_bytes()  # node-a, seq 1
+    lines[2] = resign(LedgerEntry.from_line(lines[2]), identities["mallory"]).canonical_bytes()  # node-a, seq 1
     write_lines(path, lines)
     failure = verify_ledger(path).first_failure
     assert failure is not None and (failure.line, failure.node_id) == (3, "node-a")
@@ -360,11 +348,7 @@ def test_understated_steps_are_caught_by_replay(
     change: Callable[[LedgerEntry], dict[str, object]] = lambda e: {"steps": 1} if e.seq == 0 else {}  # noqa: E731
     write_lines(path, rewrite_node(read_lines(path), "node-a", identities["node-a"], change))
     failure = verify_ledger(path).first_failure
-    assert (
-        failure is not None
-        and (failure.line, failure.node_id) == (1, "node-a")
-        and "replayed" in failure.reason
-    )
+    assert failure is not None and (failure.line, failure.node_id) == (1, "node-a") and "replayed" in failure.reason
 
 
 def test_truncated_last_line_is_reported(run_ledger: RunLedger, copy_of: Callable[[Path], Path]) -> None:
@@ -452,9 +436,7 @@ def test_release_is_a_frozen_record(
 # -- merge ------------------------------------------------------------------------------------------
 
 
-def test_merge_is_idempotent_and_accepts_line_bytes(
-    run_ledger: RunLedger, copy_of: Callable[[Path], Path]
-) -> None:
+def test_merge_is_idempotent_and_accepts_line_bytes(run_ledger: RunLedger, copy_of: Callable[[Path], Path]) -> None:
     run_path, node_paths = run_ledger
     path = copy_of(run_path)
     before = path.read_bytes()
@@ -499,9 +481,7 @@ def test_merge_rejects_forks_gaps_and_foreign_keys(
     with pytest.raises(LedgerError, match="not in the key roster"):
         merge_node_entries(path, [a_entries[0]], {"node-b": identities["node-b"].public_key})
     with pytest.raises(LedgerError, match="bad signature"):
-        merge_node_entries(
-            path, [dataclasses.replace(a_entries[1], seq=2, prev_hash=a_entries[1].entry_hash())]
-        )
+        merge_node_entries(path, [dataclasses.replace(a_entries[1], seq=2, prev_hash=a_entries[1].entry_hash())])
     assert path.read_bytes() == before
 
 
@@ -566,10 +546,7 @@ def test_roster_accepts_hex_and_pem(tmp_path: Path, identities: dict[str, NodeId
     }
     generated = tmp_path / "generated.json"
     generated.write_text(roster_json({"node-a": identities["node-a"]}))
-    assert (
-        load_roster(generated)["node-a"].public_bytes_raw()
-        == identities["node-a"].public_key.public_bytes_raw()
-    )
+    assert load_roster(generated)["node-a"].public_bytes_raw() == identities["node-a"].public_key.public_bytes_raw()
 
 
 @pytest.mark.parametrize(
