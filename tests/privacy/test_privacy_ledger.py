@@ -11,6 +11,7 @@ import stat
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -51,7 +52,7 @@ def write_lines(path: Path, lines: list[bytes]) -> None:
     path.write_bytes(b"".join(line + b"\n" for line in lines))
 
 
-def resign(entry: LedgerEntry, identity: NodeIdentity, **changes: object) -> LedgerEntry:
+def resign(entry: LedgerEntry, identity: NodeIdentity, **changes: Any) -> LedgerEntry:
     """``entry`` with ``changes``, signed (validly) by ``identity``: what a buggy or hostile signer writes."""
     unsigned = dataclasses.replace(
         entry, **changes, key_id=identity.key_id, public_key=identity.public_key_hex, signature=""
@@ -63,7 +64,7 @@ def rewrite_node(
     lines: list[bytes],
     node_id: str,
     identity: NodeIdentity,
-    change: Callable[[LedgerEntry], dict[str, object]],
+    change: Callable[[LedgerEntry], dict[str, Any]],
 ) -> list[bytes]:
     """Re-sign every entry of ``node_id`` with ``identity`` after ``change``; keeps the hash chain intact."""
     out, prev_hash = [], GENESIS_HASH
@@ -320,7 +321,7 @@ def test_wrong_epsilon_signed_by_the_node_is_caught_by_replay(
     path = copy_of(run_ledger[0])
     lines = read_lines(path)
 
-    def change(entry: LedgerEntry) -> dict[str, object]:
+    def change(entry: LedgerEntry) -> dict[str, Any]:
         return {field_name: getattr(entry, field_name) * factor} if entry.seq == 1 else {}
 
     write_lines(path, rewrite_node(lines, "node-b", identities["node-b"], change))
@@ -345,7 +346,7 @@ def test_understated_steps_are_caught_by_replay(
     run_ledger: RunLedger, identities: dict[str, NodeIdentity], copy_of: Callable[[Path], Path]
 ) -> None:
     path = copy_of(run_ledger[0])
-    change: Callable[[LedgerEntry], dict[str, object]] = lambda e: {"steps": 1} if e.seq == 0 else {}  # noqa: E731
+    change: Callable[[LedgerEntry], dict[str, Any]] = lambda e: {"steps": 1} if e.seq == 0 else {}  # noqa: E731
     write_lines(path, rewrite_node(read_lines(path), "node-a", identities["node-a"], change))
     failure = verify_ledger(path).first_failure
     assert failure is not None and (failure.line, failure.node_id) == (1, "node-a") and "replayed" in failure.reason
@@ -395,7 +396,7 @@ def test_append_refuses_inconsistent_releases(
     run_ledger: RunLedger,
     identities: dict[str, NodeIdentity],
     copy_of: Callable[[Path], Path],
-    change: dict[str, object],
+    change: dict[str, Any],
     needle: str,
 ) -> None:
     path = copy_of(run_ledger[1]["node-a"])
@@ -419,7 +420,7 @@ def test_append_refuses_inconsistent_releases(
         ({"event": DpSgdEvent(1.0, 0.1, 0)}, "event.steps"),
     ],
 )
-def test_release_validation(make_release: ReleaseFactory, change: dict[str, object], needle: str) -> None:
+def test_release_validation(make_release: ReleaseFactory, change: dict[str, Any], needle: str) -> None:
     with pytest.raises(PrivacyParameterError, match=needle):
         dataclasses.replace(make_release("node-a", 1), **change)
 
