@@ -581,6 +581,8 @@ class Ledger:
         *,
         pld_value_discretization: float = LEDGER_PLD_DISCRETIZATION,
     ) -> None:
+        if not isinstance(identity, NodeIdentity):
+            raise IdentityError(f"identity must be a NodeIdentity, got {type(identity).__name__}")
         self._path = Path(path)
         self._identity = identity
         self._pld_interval = validate_epsilon(pld_value_discretization, name="pld_value_discretization")
