@@ -82,7 +82,9 @@ class WorldDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def image(self, index: int) -> np.ndarray:
         """The (S, S, 3) uint8 image of row ``index`` (rendered on first access)."""
         if not self._rendered[index]:
-            rendered = render_scene(self.scenes[index], self._rng(index, 1), self.image_size, self.patch_size)
+            rendered = render_scene(
+                self.scenes[index], self._rng(index, 1), self.image_size, self.patch_size, with_coverage=False
+            )
             self._images[index] = rendered.image
             self._rendered[index] = True
         return self._images[index]

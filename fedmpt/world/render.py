@@ -90,8 +90,15 @@ def _centres(layout: str, n: int, size: int, half: int, rng: np.random.Generator
     return out
 
 
-def render_scene(scene: Scene, rng: np.random.Generator, size: int = 64, patch_size: int = 8) -> RenderedScene:
-    """Render ``scene`` to a (size, size, 3) uint8 image; also return per-patch class coverage."""
+def render_scene(
+    scene: Scene,
+    rng: np.random.Generator,
+    size: int = 64,
+    patch_size: int = 8,
+    *,
+    with_coverage: bool = True,
+) -> RenderedScene:
+    """Render ``scene`` to a (size, size, 3) uint8 image; also return per-patch class coverage (if asked)."""
     values = {f.name: scene.condition_value(i) for i, f in enumerate(CONDITION_FACTORS)}
     # Muted background colours keep the saturated object colours visible.
     c1 = rng.uniform(0.25, 0.6, size=3).astype(np.float32)
@@ -112,12 +119,13 @@ def render_scene(scene: Scene, rng: np.random.Generator, size: int = 64, patch_s
         window = canvas[top : top + glyph, left : left + glyph]
         a = alpha[..., None]
         window[...] = window * (1 - a) + np.asarray(COLOURS[colour], dtype=np.float32) * a
-        full = np.zeros((size, size), dtype=np.float32)
-        full[top : top + glyph, left : left + glyph] = alpha
-        coverage[cls] = full.reshape(grid, patch_size, grid, patch_size).mean(axis=(1, 3))
+        if with_coverage:
+            full = np.zeros((size, size), dtype=np.float32)
+            full[top : top + glyph, left : left + glyph] = alpha
+            coverage[cls] = full.reshape(grid, patch_size, grid, patch_size).mean(axis=(1, 3))
 
     gain, offset = _LIGHT_GAIN[values[LIGHTING.name]]
     canvas = canvas * gain + offset
-    canvas += rng.normal(0.0, 0.02, size=canvas.shape).astype(np.float32)
+    canvas += 0.02 * rng.standard_normal(canvas.shape, dtype=np.float32)
     image = (np.clip(canvas, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     return RenderedScene(image=image, patch_coverage=coverage)
