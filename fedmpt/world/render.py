@@ -126,6 +126,6 @@ def render_scene(
 
     gain, offset = _LIGHT_GAIN[values[LIGHTING.name]]
     canvas = canvas * gain + offset
-    canvas += 0.02 * rng.standard_normal(canvas.shape, dtype=np.float32)
+    canvas += rng.normal(0.0, 0.02, size=canvas.shape).astype(np.float32)
     image = (np.clip(canvas, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     return RenderedScene(image=image, patch_coverage=coverage)
