@@ -15,6 +15,7 @@ updated with the overrides, validated before the engine starts.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,9 @@ def run_local_simulation(
     path = (config.federation.runs_path / config.federation.run_name).resolve()
     logger.info("fedmpt simulation: %d SuperNodes, run directory %s", num_supernodes, path)
 
+    # Flower sends usage telemetry unless told not to; a privacy-hardened run sends nothing anywhere.
+    # (Read when flwr is first imported: effective unless the caller imported flwr already.)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from flwr.simulation import run_simulation  # the engine, only when a simulation actually runs
 
     from fedmpt.apps.client_app import build_client_app

@@ -6,8 +6,11 @@ which node times out (never replies) and which replies with an error.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported: no usage events from tests
 
 import pytest
 from flwr.app import Context, Error, Message, RecordDict

@@ -128,3 +128,11 @@ def test_valid_values_round_trip(rounds: int, fraction: float) -> None:
     config = read_app_config(parsed)
     assert config.federation.num_server_rounds == rounds
     assert config.federation.fraction_train == fraction
+
+
+def test_fedmpt_run_rejects_a_bad_config_before_starting(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedmpt.cli import main
+
+    assert main(["run", "--run-config", "num-rounds=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown run config key(s) ['num-rounds']" in err and "num-server-rounds" in err

@@ -1,0 +1,93 @@
+"""The deployment engine: a real SuperLink and 3 SuperNodes (TLS + SuperNode auth), one SuperNode killed mid-run.
+
+Slow (a few minutes on 2 cores: every Flower message starts a ClientApp process) but it is the only test of
+the real processes, certificates and node authentication.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from fedmpt.apps import task
+from fedmpt.apps.config import read_app_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _flwr_apps_in_home() -> set[str]:
+    apps = Path.home() / ".flwr" / "apps"
+    return {p.name for p in apps.iterdir()} if apps.is_dir() else set()
+
+
+@pytest.mark.timeout(600)
+def test_three_supernodes_one_killed_mid_run(tmp_path: Path) -> None:
+    if shutil.which("flower-superlink", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("flower-superlink is not installed next to this interpreter")
+    deploy_local = _load_script("deploy_local")
+    home_apps_before = _flwr_apps_in_home()
+    runs = tmp_path / "runs"
+    overrides = {"num-server-rounds": 2, "min-clients": 2, "round-timeout-s": 60.0, "seed": 3}
+    run_config = " ".join(f"{k}={v}" for k, v in overrides.items()) + f' runs-dir="{runs}" run-name="dep"'
+    deployment = deploy_local.LocalDeployment(tmp_path / "deploy", num_supernodes=3, app_dir=REPO)
+    output = ""
+    try:
+        deployment.start()
+        run = deployment.start_run([run_config])
+        deadline = time.monotonic() + 180
+        while not (runs / "dep" / "config.json").exists():  # the ServerApp has started
+            assert run.poll() is None, "flwr run ended before the ServerApp started"
+            assert time.monotonic() < deadline, "the ServerApp did not start within 180 s"
+            time.sleep(0.2)
+        deployment.kill_supernode(2)
+        output, _ = run.communicate(timeout=420)
+        assert run.returncode == 0, output
+    finally:
+        deployment.stop()
+        leftovers = deployment.leftover_pids()
+    assert leftovers == set(), f"processes left running: {leftovers}"
+    assert _flwr_apps_in_home() == home_apps_before  # the user's ~/.flwr was not used
+
+    assert "[round 2/2]" in output
+    lines = [json.loads(x) for x in (runs / "dep" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2]
+    lost = deployment.node_ids[2]
+    assert lost in {f["node_id"] for f in lines[0]["clients_failed"]}, lines[0]["clients_failed"]
+    for line in lines:
+        assert line["clients_replied"] == [0, 1]
+        assert line["status"] == "ok"
+        assert all(f["node_id"] == lost for f in line["clients_failed"])
+
+    # the surviving SuperNodes' updates, averaged: the FedAvg oracle over partitions 0 and 1 of 3
+    config = read_app_config(overrides)
+    arrays = task.initial_arrays(config.task, 3)
+    for _ in range(2):
+        updates = [task.client_update(arrays, task.load_client_data(config.task, k, 3, 3), config.task) for k in (0, 1)]
+        weights = np.array([n for _, n, _ in updates], dtype=np.float64)
+        arrays = {
+            name: np.average(np.stack([u[name].astype(np.float64) for u, _, _ in updates]), axis=0, weights=weights)
+            for name in arrays
+        }
+    final = load_file(str(runs / "dep" / "final.safetensors"))
+    for name in arrays:
+        np.testing.assert_allclose(final[name], arrays[name], rtol=1e-5, atol=1e-6)
