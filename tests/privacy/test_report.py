@@ -1,0 +1,415 @@
+"""Tests of the audit report (``privacy.report``, ``fedmpt report``): content against independently computed
+values (Opacus / dp_accounting replays of the ledger history, the metrics the test wrote), escaping of hostile
+input, graceful degradation without DP, failures made prominent, and the CLI exit codes."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from dp_accounting import dp_event
+from dp_accounting.pld import pld_privacy_accountant
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus.accountants import RDPAccountant
+from PIL import Image as PILImage
+
+from fedmpt.cli import main as cli_main
+from fedmpt.rundir import ClientFailure, RoundRecord, RunDirectory
+from privacy.accounting import DpSgdEvent
+from privacy.ledger import (
+    LEDGER_PLD_DISCRETIZATION,
+    Ledger,
+    NodeIdentity,
+    Release,
+    TransportProtection,
+    merge_node_entries,
+    roster_json,
+)
+from privacy.report import (
+    AuditReport,
+    Finding,
+    Paragraph,
+    Section,
+    Severity,
+    Table,
+    markdown_escape,
+    render_html,
+    render_markdown,
+    write_audit_report,
+)
+
+DELTA = 1e-5
+RUN_ID = "report-run"
+SIGMA = 1.1
+Q = 0.05
+ROUNDS = 3
+CLIENTS = ("0", "1")
+HOSTILE = "<img src=x onerror=alert(1)>|[x](javascript:alert(2))"
+#: (client, round) pairs in which a client trained; client 1 skips round 2.
+PARTICIPATION = {"0": (1, 2, 3), "1": (1, 3)}
+
+
+def steps_of(client: str, round_: int) -> int:
+    return 2 + round_ + int(client)
+
+
+def dp_config(**overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "method": "fedmpt",
+        "dataset": "synthetic",
+        "num-server-rounds": ROUNDS,
+        "fraction-train": 1.0,
+        "min-clients": 1,
+        "secure-aggregation": "masking",
+        "dp": True,
+        "dp-mode": "exact",
+        "noise-multiplier": SIGMA,
+        "delta": DELTA,
+        "max-grad-norm": 1.0,
+        "batch-size": 8,
+        "max-epsilon": 100.0,
+        "accountant": "rdp",
+    }
+    config.update(overrides)
+    return config
+
+
+def metrics_values(seed: int = 3) -> dict[int, dict[str, float]]:
+    rng = np.random.default_rng(seed)
+    return {r: {m: float(rng.uniform(0.1, 0.9)) for m in ("mAP", "CF1", "OF1")} for r in range(1, ROUNDS + 1)}
+
+
+def write_metrics(run: RunDirectory, values: dict[int, dict[str, float]], epsilons: dict[int, Any]) -> None:
+    """metrics.jsonl as the server writes it, with the documented per-client epsilon object (or null)."""
+    lines = []
+    for round_ in range(1, ROUNDS + 1):
+        replied = tuple(int(c) for c in CLIENTS if round_ in PARTICIPATION[c])
+        failed = tuple(
+            ClientFailure(node_id=100 + int(c), client_id=int(c), reason="timeout")
+            for c in CLIENTS
+            if round_ not in PARTICIPATION[c]
+        )
+        record = RoundRecord(
+            round=round_,
+            wall_time_s=1.5,
+            clients_sampled=tuple(int(c) for c in CLIENTS),
+            clients_replied=replied,
+            clients_failed=failed,
+            bytes_down=1000,
+            bytes_up=500,
+            global_metrics=values[round_],
+            clients={str(c): {"mAP": values[round_]["mAP"] / 2} for c in replied},
+        ).to_json()
+        record["epsilon"] = epsilons.get(round_)
+        lines.append(json.dumps(record))
+    (run.path / "metrics.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def history_of(client: str, up_to_round: int = ROUNDS) -> list[tuple[float, float, int]]:
+    return [(SIGMA, Q, steps_of(client, r)) for r in PARTICIPATION[client] if r <= up_to_round]
+
+
+def opacus_epsilon(history: list[tuple[float, float, int]]) -> float:
+    """Independent RDP oracle: Opacus's own accountant over the (sigma, q, steps) history."""
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(DELTA))
+
+
+def dp_accounting_pld(history: list[tuple[float, float, int]]) -> float:
+    """Independent PLD oracle: dp_accounting composing each event, at the ledger's discretisation."""
+    accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=LEDGER_PLD_DISCRETIZATION)
+    for sigma, q, steps in history:
+        accountant.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+    return float(accountant.get_epsilon(DELTA))
+
+
+def make_dp_run(root: Path, name: str, config: dict[str, Any], *, roster: bool = True) -> Path:
+    """A DP run directory: signed run ledger (2 nodes), roster, metrics with per-client epsilon objects."""
+    run = RunDirectory.create(config, seed=0, root=root, name=name)
+    identities = {c: NodeIdentity.generate() for c in CLIENTS}
+    ledgers = {c: Ledger(root / f"{name}-node-{c}.jsonl", identities[c]) for c in CLIENTS}
+    ledger_path = run.path / "epsilon_ledger.jsonl"
+    epsilons: dict[int, Any] = {}
+    for round_ in range(1, ROUNDS + 1):
+        entries = []
+        for c in CLIENTS:
+            if round_ not in PARTICIPATION[c]:
+                continue
+            release = Release(
+                run_id=RUN_ID,
+                node_id=c,
+                round=round_,
+                event=DpSgdEvent(SIGMA, Q, steps_of(c, round_)),
+                max_grad_norm=1.0,
+                delta=DELTA,
+                transport_protection=TransportProtection.MASKING,
+            )
+            entries.append(ledgers[c].append(release))
+        merge_node_entries(ledger_path, entries)
+        clients = {e.node_id: {"epsilon_rdp": e.epsilon_rdp, "epsilon_pld": e.epsilon_pld} for e in entries}
+        epsilons[round_] = {"delta": DELTA, "accountant": "rdp", "clients": clients}
+    if roster:
+        (run.path / "roster.json").write_text(roster_json(identities), encoding="utf-8")
+    write_metrics(run, metrics_values(), epsilons)
+    return run.path
+
+
+def table_rows(markdown: str, first_header: str) -> list[list[str]]:
+    """Cells of the Markdown table whose header row starts with ``first_header``."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split(" | ")])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dp_run(tmp_path_factory.mktemp("runs"), "dp-run", dp_config())
+
+
+@pytest.fixture(scope="module")
+def dp_report(dp_run: Path) -> tuple[Path, str, int]:
+    """The report of ``dp_run`` via the CLI: (report dir, report.md text, exit code)."""
+    code = cli_main(["report", str(dp_run)])
+    out = dp_run / "report"
+    return out, (out / "report.md").read_text(encoding="utf-8"), code
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Content of a DP run's report
+
+
+def test_final_epsilon_per_client_equals_independent_replays(dp_report: tuple[Path, str, int]) -> None:
+    out, markdown, code = dp_report
+    assert code == 0
+    rows = {row[0]: row for row in table_rows(markdown, "client | entries")}
+    assert sorted(rows) == list(CLIENTS)
+    summary = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    for client in CLIENTS:
+        history = history_of(client)
+        expected_rdp, expected_pld = opacus_epsilon(history), dp_accounting_pld(history)
+        row = rows[client]
+        assert int(row[1]) == len(PARTICIPATION[client])
+        assert int(row[2]) == PARTICIPATION[client][-1]
+        assert int(row[3]) == sum(steps for _, _, steps in history)
+        assert float(row[4]) == pytest.approx(expected_rdp, rel=1e-5)  # printed to 6 significant digits
+        assert float(row[5]) == pytest.approx(expected_pld, rel=1e-5)
+        assert row[8] == "yes"
+        assert summary["clients"][client]["epsilon_rdp"] == pytest.approx(expected_rdp, rel=1e-9)
+        assert summary["clients"][client]["epsilon_pld"] == pytest.approx(expected_pld, rel=1e-6)
+    assert summary["max_epsilon_rdp"] == pytest.approx(max(opacus_epsilon(history_of(c)) for c in CLIENTS), rel=1e-9)
+    assert summary["ledger"]["status"] == "verified" and summary["ledger"]["roster"] is True
+    assert summary["ok"] is True
+
+
+def test_utility_table_equals_metrics(dp_report: tuple[Path, str, int]) -> None:
+    _, markdown, _ = dp_report
+    values = metrics_values()
+    rows = table_rows(markdown, "round | mAP")
+    assert len(rows) == ROUNDS
+    for row, round_ in zip(rows, range(1, ROUNDS + 1), strict=True):
+        expected_replied = sum(round_ in PARTICIPATION[c] for c in CLIENTS)
+        assert row == [
+            str(round_),
+            f"{values[round_]['mAP']:.4f}",
+            f"{values[round_]['CF1']:.4f}",
+            f"{values[round_]['OF1']:.4f}",
+            f"{expected_replied}/{len(CLIENTS)}",
+            str(len(CLIENTS) - expected_replied),
+        ]
+
+
+def test_dp_parameters_threat_model_and_limitations(dp_report: tuple[Path, str, int]) -> None:
+    _, markdown, _ = dp_report
+    params = {row[0]: row[1] for row in table_rows(markdown, "parameter | value")}
+    assert params["noise multiplier sigma"] == f"{SIGMA:.6g}"
+    assert params["sample rate q"] == f"{Q:.6g}"
+    assert params["delta"] == f"{DELTA:.6g}"
+    totals = sorted({sum(s for _, _, s in history_of(c)) for c in CLIENTS})
+    assert params["DP-SGD steps per client (total)"] == ", ".join(str(t) for t in totals)
+    assert "Transport protection in force: masking" in markdown
+    assert "honest-but-curious server" in markdown
+    assert "secure\\_mode is unavailable on Python 3.11" in markdown
+    assert "Empirical audit: not available" in markdown
+
+
+def test_plots_are_pngs_and_html_is_self_contained(dp_report: tuple[Path, str, int]) -> None:
+    out, markdown, _ = dp_report
+    for name in ("epsilon.png", "map.png"):
+        with PILImage.open(out / name) as image:
+            assert image.format == "PNG" and image.size == (700, 420)  # figsize (7, 4.2) at 100 dpi
+        assert f"]({name})" in markdown
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.count('src="data:image/png;base64,') == 2
+    assert not re.search(r'src="(?!data:)', page)  # no external resource
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Escaping
+
+
+class TagCollector(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, list[tuple[str, str | None]]]] = []
+        self.data: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, attrs))
+
+    def handle_data(self, data: str) -> None:
+        self.data.append(data)
+
+
+ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "strong", "ul", "li", "table",
+                "thead", "tbody", "tr", "th", "td", "figure", "img"}  # fmt: skip
+
+
+def test_hostile_run_name_and_config_values_are_escaped(tmp_path: Path) -> None:
+    run = RunDirectory.create(dp_config(dp=False, method=HOSTILE, **{HOSTILE: "<b>bold</b>"}), seed=0, root=tmp_path,
+                              name="plain")  # fmt: skip
+    write_metrics(run, metrics_values(), {})
+    hostile_dir = run.path.rename(tmp_path / "<script>alert(3)<")
+    written = write_audit_report(hostile_dir)
+    page = written.html.read_text(encoding="utf-8")
+    parser = TagCollector()
+    parser.feed(page)
+    assert {tag for tag, _ in parser.tags} <= ALLOWED_TAGS
+    assert all(not name.startswith("on") for _, attrs in parser.tags for name, _ in attrs)
+    text = "".join(parser.data)
+    assert HOSTILE in text and "<b>bold</b>" in text and "<script>alert(3)<" in text  # shown literally
+    assert html.escape(HOSTILE) in page
+    markdown = written.markdown.read_text(encoding="utf-8")
+    assert "<img" not in markdown and "<script" not in markdown and "<b>" not in markdown
+    assert markdown_escape(HOSTILE) in markdown
+
+
+def unescape_markdown(text: str) -> str:
+    """Inverse of the documented escaping: drop backslash escapes, then decode the HTML entities."""
+    return html.unescape(re.sub(r"\\(.)", r"\1", text))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(exclude_categories=["Cs"])))
+def test_markdown_escape_is_inert_and_invertible(text: str) -> None:
+    escaped = markdown_escape(text)
+    assert "<" not in escaped and ">" not in escaped
+    assert len(escaped.splitlines()) <= 1
+    assert not re.search(r"(?<!\\)(\\\\)*[|\[\]`]", escaped)  # every table/link/code character is escaped
+    assert unescape_markdown(escaped) == " ".join(text.splitlines())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(alphabet=st.characters(exclude_categories=["Cs", "Cc"])), st.text(min_size=1, max_size=20))
+def test_html_shows_any_text_literally(text: str, cell: str) -> None:
+    report = AuditReport(
+        title="t",
+        findings=(Finding(Severity.WARNING, text),),
+        sections=(Section("s", (Paragraph(text), Table(("h",), ((cell,),)))),),
+        summary={},
+    )
+    parser = TagCollector()
+    parser.feed(render_html(report, {}))
+    assert {tag for tag, _ in parser.tags} <= ALLOWED_TAGS
+    assert text in "".join(parser.data) and html.escape(cell) in render_html(report, {})
+    assert render_markdown(report).count("\n## ") == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Failures and degradation
+
+
+def test_tampered_ledger_fails_prominently_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_path = make_dp_run(tmp_path, "tampered", dp_config())
+    ledger_path = run_path / "epsilon_ledger.jsonl"
+    lines = ledger_path.read_bytes().split(b"\n")
+    target = 2  # 0-based: the third line
+    lines[target] = lines[target].replace(
+        b'"steps":', b'"steps":1', 1
+    )  # a validly formed line whose signature no longer matches
+    ledger_path.write_bytes(b"\n".join(lines))
+    code = cli_main(["report", str(run_path)])
+    assert code == 1
+    assert "REPORT FOUND FAILURES" in capsys.readouterr().err
+    markdown = (run_path / "report" / "report.md").read_text(encoding="utf-8")
+    head = markdown.split("## Run summary")[0]  # the failure is stated before the first section
+    assert "Status: FAILED" in head and "LEDGER VERIFICATION FAILED at line 3" in head
+    summary = json.loads((run_path / "report" / "report.json").read_text(encoding="utf-8"))
+    assert summary["ledger"]["status"] == "failed" and summary["ok"] is False
+    assert 'class="alert"' in (run_path / "report" / "report.html").read_text(encoding="utf-8")
+
+
+def test_run_without_dp_degrades_gracefully(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = dp_config(dp=False, **{"secure-aggregation": "none"})
+    for key in ("noise-multiplier", "max-epsilon", "delta", "max-grad-norm"):
+        config.pop(key)
+    run = RunDirectory.create(config, seed=1, root=tmp_path, name="no-dp")
+    write_metrics(run, metrics_values(seed=9), {})
+    out = tmp_path / "elsewhere"
+    code = cli_main(["report", str(run.path), "--out", str(out)])
+    assert code == 0
+    assert str(out) in capsys.readouterr().out
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    assert "DP is off for this run" in markdown
+    assert "Ledger verification" in markdown and "not available: no epsilon\\_ledger.jsonl (DP is off)" in markdown
+    assert "Empirical audit: not available" in markdown
+    assert "Transport protection in force: none" in markdown
+    assert not (out / "epsilon.png").exists() and (out / "map.png").exists()
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["dp"] is False
+    assert not (run.path / "report").exists()
+
+
+def test_dp_run_without_ledger_is_a_failure(tmp_path: Path) -> None:
+    run = RunDirectory.create(dp_config(), seed=0, root=tmp_path, name="no-ledger")
+    write_metrics(run, metrics_values(), {})
+    written = write_audit_report(run.path)
+    assert not written.ok
+    assert any("DP run without epsilon_ledger.jsonl" in f.text for f in written.report.findings)
+
+
+def test_audit_beside_claim_over_budget_and_missing_roster(tmp_path: Path) -> None:
+    # A budget below client 0's final epsilon, an audit whose one-run bound exceeds its claim, and no roster.
+    eps0 = opacus_epsilon(history_of("0"))
+    eps1 = opacus_epsilon(history_of("1"))
+    budget = (eps0 + eps1) / 2 if eps0 > eps1 else None
+    assert budget is not None  # client 0 takes more steps, so it spends more
+    run_path = make_dp_run(tmp_path, "audited", dp_config(**{"max-epsilon": budget}), roster=False)
+    audit = {
+        "canary": {"trials": 2000, "epsilon_lb": 0.8125, "claimed_epsilon": 4.25, "alpha": 0.05, "delta": 1e-5},
+        "one_run": {"m": 1000, "r": 100, "v": 100, "epsilon_lb": 3.47, "claimed_epsilon": 2.5},
+    }
+    (run_path / "audit.json").write_text(json.dumps(audit), encoding="utf-8")
+    written = write_audit_report(run_path)
+    markdown = written.markdown.read_text(encoding="utf-8")
+    audit_rows = {row[0]: row for row in table_rows(markdown, "audit | epsilon\\_lb")}
+    assert audit_rows["canary (one DP step)"][1:4] == ["0.8125", "4.25", "no violation detected"]
+    assert audit_rows["one-run (whole training)"][1:3] == ["3.47", "2.5"]
+    assert audit_rows["one-run (whole training)"][3].startswith("VIOLATION")
+    failures = [f.text for f in written.report.findings if f.severity is Severity.FAILURE]
+    assert any("client 0 spent epsilon" in text for text in failures)
+    assert not any("client 1 spent" in text for text in failures)
+    assert any("epsilon_lb 3.47 > claimed epsilon 2.5" in text for text in failures)
+    warnings = [f.text for f in written.report.findings if f.severity is Severity.WARNING]
+    assert any("self-consistency only" in text for text in warnings)
+    assert cli_main(["report", str(run_path)]) == 1
+
+
+def test_not_a_run_directory_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["report", str(tmp_path / "missing")]) == 2
+    assert "missing is not a directory" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text('{"format": "something-else"}', encoding="utf-8")
+    assert cli_main(["report", str(tmp_path)]) == 2
+    assert "is not a fedmpt-run config file" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
