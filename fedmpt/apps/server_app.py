@@ -23,6 +23,7 @@ and produces the same result as an uninterrupted run with the same seed.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ logger = logging.getLogger("flwr.fedmpt.server")
 
 
 _POLL_S = 0.5
+_EVALUATION_STREAM = 1
 _PROGRESS_KEYS = ("mAP", "CF1", "OF1")
 
 
@@ -205,6 +207,19 @@ def _parse_reply(
     return "", (arrays, metrics, record.count_bytes())
 
 
+def _evaluation_sample(num_clients: int, fraction: float, server_round: int, seed: int) -> list[int]:
+    """Indices of the clients that evaluate in ``server_round``: all of them, or ceil(fraction * n) of them.
+
+    Drawn from its own stream ``default_rng((seed, round, 1))``, independent of the training sample and, like
+    it, a pure function of (seed, round), so a resumed run evaluates on the same clients.
+    """
+    if fraction >= 1.0:
+        return list(range(num_clients))
+    count = max(1, math.ceil(fraction * num_clients))
+    rng = np.random.default_rng((seed, server_round, _EVALUATION_STREAM))
+    return sorted(int(i) for i in rng.choice(num_clients, size=count, replace=False))
+
+
 def _format_progress(record: RoundRecord, total_rounds: int) -> str:
     scores = " ".join(f"{k} {100 * record.global_metrics[k]:.1f}" for k in _PROGRESS_KEYS if k in record.global_metrics)
     failed = ", ".join(f"{f.client_id}({f.reason})" for f in record.clients_failed) or "none"
@@ -270,13 +285,7 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
                 fed.min_clients,
             )
         global_metrics = task.evaluate(arrays, global_test)
-        eval_chosen = sample_participants(
-            len(client_ids),
-            fed.fraction_evaluate,
-            server_round,
-            fed.seed + 1,
-            min(fed.min_clients, len(client_ids)),
-        )
+        eval_chosen = _evaluation_sample(len(client_ids), fed.fraction_evaluate, server_round, fed.seed)
         eval_targets = {client_ids[i]: available[client_ids[i]] for i in eval_chosen}
         eval_replies, eval_failures, eval_bytes = _exchange(
             grid,

@@ -184,3 +184,12 @@ def test_finished_run_is_not_rerun(tmp_path: Path, fake_grid: Callable[..., Any]
     run_federation(grid, read_app_config(again))
     assert grid.calls == 0
     assert len(_lines(tmp_path / "r")) == 1
+
+
+def test_fraction_evaluate_samples_ceil_of_the_clients(tmp_path: Path, fake_grid: Callable[..., Any]) -> None:
+    nodes = {100 + k: k for k in range(5)}
+    config = _config(tmp_path, **{"fraction-evaluate": 0.5, "num-server-rounds": 3})
+    run = run_federation(fake_grid(build_client_app(), nodes, run_config=config), read_app_config(config))
+    lines = _lines(run.path)
+    assert all(len(x["clients"]) == 3 for x in lines)  # ceil(0.5 * 5)
+    assert all(x["clients_replied"] == [0, 1, 2, 3, 4] for x in lines)  # training is unaffected
