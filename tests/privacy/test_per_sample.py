@@ -1,0 +1,195 @@
+"""Per-sample gradients of every trainable parameter vs independent torch.func / autograd ground truth."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from fedmpt.backbone.loader import Backbone, load_backbone
+from fedmpt.methods import METHODS, build_method
+from fedmpt.methods.base import Method
+from fedmpt.model.asymmetric_loss import asymmetric_loss
+from fedmpt.model.sinkhorn import ConditionTransport
+from fedmpt.training import TrainConfig
+from privacy.per_sample import (
+    DPIncompatibleError,
+    check_dp_compatible,
+    per_class_prompt_gradients,
+    per_sample_gradients,
+    prepare_for_dp,
+    split_parameters,
+)
+
+CONDITIONS = ("spatial layout", "object pose", "background")
+CLASSES = ("star", "tree", "house", "heart")
+TRAIN = TrainConfig()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: small tensors on a shared 2-core machine are much faster without contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def backbone() -> Backbone:
+    torch.manual_seed(0)
+    return load_backbone(random_init=True)
+
+
+def _batch(b: int = 4, m: int = 8, seed: int = 0) -> tuple[Tensor, Tensor, np.ndarray]:
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(b, len(CLASSES), generator=g) * 3).floor() - 1  # {-1, 0, 1}
+    return torch.randn(b, 128, generator=g), torch.randn(b, m, 128, generator=g), labels.numpy().astype(np.int8)
+
+
+def _perturbed(backbone: Backbone, name: str) -> Method:
+    """A DP-ready method whose zero-initialised parameters are moved so that every gradient is non-trivial."""
+    method = prepare_for_dp(build_method(name, backbone, CLASSES, CONDITIONS, init_seed=3))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in method.trainable_parameters().values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return method
+
+
+def _ground_truth(method: Method, gf: Tensor, pf: Tensor, labels: np.ndarray) -> dict[str, Tensor]:
+    """vmap(grad) of the whole per-sample loss, text encoder included, w.r.t. every trainable parameter."""
+    params = {n: p.detach() for n, p in method.trainable_parameters().items()}
+    targets = torch.as_tensor(labels, dtype=torch.float32)
+
+    def loss(values: dict[str, Tensor], g: Tensor, p: Tensor, y: Tensor) -> Tensor:
+        logits = functional_call(method, values, (g[None], p[None]))
+        return asymmetric_loss(logits, y[None], TRAIN.gamma_pos, TRAIN.gamma_neg, TRAIN.clip, check_targets=False)[0]
+
+    out: dict[str, Tensor] = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, gf, pf, targets)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(n for n in METHODS if n != "zeroshot"))
+def test_exact_per_sample_gradients_of_every_parameter_match_vmap_grad(backbone: Backbone, name: str) -> None:
+    method = _perturbed(backbone, name)
+    gf, pf, labels = _batch()
+    truth = _ground_truth(method, gf, pf, labels)
+    grads = per_sample_gradients(method, gf, pf, labels, TRAIN)
+    ours = {**grads.prompt_gradients(chunk_size=3), **grads.other}
+    assert set(ours) == set(method.trainable_parameters()) == set(truth)
+    for n, value in ours.items():
+        assert value.shape == (4, *method.trainable_parameters()[n].shape), n
+        assert float(truth[n].abs().max()) > 0, f"{n}: ground truth is zero, the test would be vacuous"
+        torch.testing.assert_close(value, truth[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", ["fedmpt", "dualcoop"])
+def test_text_cotangents_match_one_sample_autograd_and_the_vjp_gives_the_batch_gradient(
+    backbone: Backbone, name: str
+) -> None:
+    method = _perturbed(backbone, name)
+    gf, pf, labels = _batch(b=3, seed=1)
+    grads = per_sample_gradients(method, gf, pf, labels, TRAIN)
+    targets = torch.as_tensor(labels, dtype=torch.float32)
+    text = method.text_features().detach()
+    for i in range(3):  # plain autograd on a batch of one, no torch.func
+        leaf = text.clone().requires_grad_(True)
+        logits = method.logits(gf[i : i + 1], pf[i : i + 1], leaf)
+        loss = asymmetric_loss(logits, targets[i : i + 1], TRAIN.gamma_pos, TRAIN.gamma_neg, TRAIN.clip)[0]
+        (expected,) = torch.autograd.grad(loss, leaf)
+        torch.testing.assert_close(grads.text_cotangents[i], expected, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(grads.losses[i], loss.detach())
+    method.zero_grad()
+    asymmetric_loss(method(gf, pf), targets, TRAIN.gamma_pos, TRAIN.gamma_neg, TRAIN.clip).sum().backward()
+    pushed = grads.text_vjp(grads.text_cotangents.sum(0))
+    for n in split_parameters(method).text:
+        torch.testing.assert_close(pushed[n], method.get_parameter(n).grad, rtol=1e-4, atol=1e-6)
+
+
+def test_per_class_gradients_are_indexed_by_prompt_and_sum_to_the_batch_gradient(backbone: Backbone) -> None:
+    method = _perturbed(backbone, "promptfl")
+    gf, pf, labels = _batch(b=5, seed=2)
+    grads = per_sample_gradients(method, gf, pf, labels, TRAIN)
+    wrong = per_class_prompt_gradients(grads)
+    exact = grads.prompt_gradients()
+    (name,) = split_parameters(method).text
+    assert wrong[name].shape[0] == len(CLASSES) != exact[name].shape[0] == 5
+    torch.testing.assert_close(wrong[name].sum(0), exact[name].sum(0), rtol=1e-4, atol=1e-5)
+
+
+def test_empty_batch_gives_zero_row_gradients(backbone: Backbone) -> None:
+    method = _perturbed(backbone, "fedmpt")
+    gf, pf, labels = _batch(b=0)
+    grads = per_sample_gradients(method, gf, pf, labels, TRAIN)
+    shapes = {n: p.shape for n, p in method.trainable_parameters().items()}
+    for n, value in {**grads.prompt_gradients(), **grads.other}.items():
+        assert value.shape == (0, *shapes[n])
+
+
+def test_bad_labels_are_refused_with_the_values(backbone: Backbone) -> None:
+    method = _perturbed(backbone, "promptfl")
+    gf, pf, labels = _batch(b=2)
+    labels[0, 0] = 7
+    with pytest.raises(ValueError, match="7"):
+        per_sample_gradients(method, gf, pf, labels, TRAIN)
+
+
+# --- the startup check -----------------------------------------------------------------------------------
+
+
+def test_prepare_switches_sinkhorn_to_fixed_iterations_and_the_check_refuses_early_stopping(backbone: Backbone) -> None:
+    method = build_method("fedmpt", backbone, CLASSES, CONDITIONS)
+    with pytest.raises(DPIncompatibleError, match="fixed_iterations"):
+        check_dp_compatible(method)
+    prepare_for_dp(method)
+    transport = method.get_submodule("transport")
+    assert isinstance(transport, ConditionTransport) and transport.sinkhorn.fixed_iterations
+
+
+def test_check_refuses_batch_norm_dropout_unknown_owners_and_trainable_backbone(backbone: Backbone) -> None:
+    method = prepare_for_dp(build_method("promptfl", backbone, CLASSES, CONDITIONS))
+    method.add_module("norm", nn.BatchNorm1d(4))
+    with pytest.raises(DPIncompatibleError, match="norm.*couples"):
+        check_dp_compatible(method)
+
+    method = prepare_for_dp(build_method("promptfl", backbone, CLASSES, CONDITIONS))
+    method.add_module("drop", nn.Dropout(0.1))
+    method.train()
+    with pytest.raises(DPIncompatibleError, match="drop.*dropout"):
+        check_dp_compatible(method)
+    method.eval()
+    check_dp_compatible(method)  # dropout in eval mode is the identity
+
+    class Custom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(3))
+
+    method = prepare_for_dp(build_method("promptfl", backbone, CLASSES, CONDITIONS))
+    method.add_module("custom", Custom())
+    with pytest.raises(DPIncompatibleError, match="custom.weight.*Custom"):
+        check_dp_compatible(method)
+
+    other = load_backbone(random_init=True)
+    method = build_method("promptfl", other, CLASSES, CONDITIONS)
+    other.model.ln_final.weight.requires_grad_(True)
+    with pytest.raises(DPIncompatibleError, match="ln_final"):
+        check_dp_compatible(method)
+
+
+def test_check_catches_a_batch_coupled_forward(backbone: Backbone) -> None:
+    method = prepare_for_dp(build_method("promptfl", backbone, CLASSES, CONDITIONS))
+    original = method.logits
+
+    def coupled(g: Tensor, p: Tensor, t: Tensor) -> Tensor:
+        out: Tensor = original(g - g.mean(0, keepdim=True), p, t)  # batch statistics leak across samples
+        return out
+
+    method.logits = coupled  # type: ignore[method-assign,assignment]
+    with pytest.raises(DPIncompatibleError, match="depend on the other samples"):
+        check_dp_compatible(method)
