@@ -256,6 +256,16 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _items(value: Any) -> list[Any]:
+    """``value`` if it is a JSON list, else an empty list."""
+    return value if isinstance(value, list) else []
+
+
+def _integer(value: Any) -> int:
+    """``value`` if it is an integer (not a bool), else 0: metrics lines are read leniently."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 def _series_from_metrics(rounds: Sequence[Mapping[str, Any]]) -> tuple[ClientSeries, ...]:
     """Per-client cumulative epsilon recorded in ``metrics.jsonl`` (a bare number is the run's maximum)."""
     points: dict[str, list[tuple[int, float, float | None]]] = {}
@@ -390,11 +400,11 @@ def _epsilon(value: float | None) -> str:
 
 def _summary_section(ev: RunEvidence) -> Section:
     cfg = ev.config
-    sampled = sorted({str(c) for r in ev.rounds for c in r.get("clients_sampled", []) or []}, key=_client_key)
-    failures = sum(len(r.get("clients_failed", []) or []) for r in ev.rounds)
+    sampled = sorted({str(c) for r in ev.rounds for c in _items(r.get("clients_sampled"))}, key=_client_key)
+    failures = sum(len(_items(r.get("clients_failed"))) for r in ev.rounds)
     wall = sum(_finite(r.get("wall_time_s")) or 0.0 for r in ev.rounds)
-    down = sum(int(r.get("bytes_down", 0) or 0) for r in ev.rounds)
-    up = sum(int(r.get("bytes_up", 0) or 0) for r in ev.rounds)
+    down = sum(_integer(r.get("bytes_down")) for r in ev.rounds)
+    up = sum(_integer(r.get("bytes_up")) for r in ev.rounds)
     rows = [
         ("run", ev.name),
         ("method", _fmt(cfg.get("method", NOT_AVAILABLE))),
@@ -442,9 +452,9 @@ def _utility_section(ev: RunEvidence, has_map_plot: bool) -> Section:
     for record in ev.rounds:
         raw_global = record.get("global")
         global_metrics: Mapping[str, Any] = raw_global if isinstance(raw_global, Mapping) else {}
-        replied = len(record.get("clients_replied", []) or [])
-        sampled = len(record.get("clients_sampled", []) or [])
-        failed = len(record.get("clients_failed", []) or [])
+        replied = len(_items(record.get("clients_replied")))
+        sampled = len(_items(record.get("clients_sampled")))
+        failed = len(_items(record.get("clients_failed")))
         rows.append(
             (
                 _fmt(record.get("round")),
@@ -480,19 +490,19 @@ def _client_failure_rounds(ev: RunEvidence, needle: str) -> dict[str, int]:
     """Client id -> last round in which one of its failures mentions ``needle`` (case-insensitive)."""
     found: dict[str, int] = {}
     for record in ev.rounds:
-        for failure in record.get("clients_failed", []) or []:
+        for failure in _items(record.get("clients_failed")):
             if not isinstance(failure, Mapping):
                 continue
             if needle in str(failure.get("reason", "")).lower() and failure.get("client_id") is not None:
-                found[str(failure["client_id"])] = int(record.get("round", 0))
+                found[str(failure["client_id"])] = _integer(record.get("round"))
     return found
 
 
 def _last_replied_round(ev: RunEvidence) -> dict[str, int]:
     last: dict[str, int] = {}
     for record in ev.rounds:
-        for client in record.get("clients_replied", []) or []:
-            last[str(client)] = int(record.get("round", 0))
+        for client in _items(record.get("clients_replied")):
+            last[str(client)] = _integer(record.get("round"))
     return last
 
 
@@ -558,7 +568,7 @@ def _privacy_section(ev: RunEvidence, findings: list[Finding], summary: dict[str
     )
     if ev.ledger is None or not ev.ledger.nodes:
         blocks.append(
-            Alert(Finding(Severity.FAILURE, f"Final epsilon per client: {NOT_AVAILABLE} (no usable ledger)."))
+            Alert(Finding(Severity.WARNING, f"Final epsilon per client: {NOT_AVAILABLE} (no usable ledger)."))
         )
         summary["clients"] = {}
     else:
@@ -766,23 +776,30 @@ def _ledger_section(ev: RunEvidence, findings: list[Finding], summary: dict[str,
         blocks.append(
             Paragraph("Ledger node ids do not match the client ids of metrics.jsonl: the tail check is not possible.")
         )
-    for node_id in sorted(set(replied) - set(report.nodes), key=_client_key) if overlap else []:
-        findings.append(
-            Finding(
-                Severity.WARNING,
-                f"client {node_id} replied in round {replied[node_id]} but has no verified ledger entries",
-            )
+    tail_check = ev.dp_enabled and bool(overlap)
+    tail_failures: list[str] = []
+    for node_id in sorted(set(replied) - set(report.nodes), key=_client_key) if tail_check else []:
+        tail_failures.append(
+            f"client {node_id} replied in round {replied[node_id]} but has no verified ledger entries: "
+            "the ledger does not account for its releases"
         )
-    for node_id in sorted(overlap, key=_client_key):
+    for node_id in sorted(overlap, key=_client_key) if tail_check else []:
         node = report.nodes[node_id]
         if node.verified and replied[node_id] > node.last_round:
-            findings.append(
-                Finding(
-                    Severity.WARNING,
-                    f"client {node_id} replied in round {replied[node_id]} but "
-                    f"its ledger chain ends at round {node.last_round} (entries may be missing)",
-                )
+            tail_failures.append(
+                f"client {node_id} replied in round {replied[node_id]} but its ledger chain ends at round "
+                f"{node.last_round}: entries are missing and its epsilon is under-reported"
             )
+    findings.extend(Finding(Severity.FAILURE, text) for text in tail_failures)
+    if tail_check:
+        outcome = "FAILED (see the findings at the top)" if tail_failures else "passed"
+        blocks.append(
+            Paragraph(
+                f"Tail check {outcome}: each client's chain must reach the last round the server saw it reply in "
+                "(ledger node ids matched to metrics.jsonl client ids); a chain cut short under-reports epsilon "
+                "and is otherwise undetectable from the ledger alone."
+            )
+        )
     summary["ledger"] = {
         "status": "verified" if report.ok else "failed",
         "roster": ev.roster_used,

@@ -413,3 +413,38 @@ def test_not_a_run_directory_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert cli_main(["report", str(tmp_path)]) == 2
     assert "is not a fedmpt-run config file" in capsys.readouterr().err
     assert not (tmp_path / "report").exists()
+
+
+def test_dropped_ledger_tail_is_caught_by_the_rounds_the_client_replied_in(tmp_path: Path) -> None:
+    # Dropping a chain's last entry leaves a ledger that verifies; metrics.jsonl shows the client replied later.
+    run_path = make_dp_run(tmp_path, "dropped-tail", dp_config())
+    ledger_path = run_path / "epsilon_ledger.jsonl"
+    lines = ledger_path.read_bytes().split(b"\n")[:-1]
+    last_of_client_1 = max(i for i, line in enumerate(lines) if json.loads(line)["node_id"] == "1")
+    del lines[last_of_client_1]
+    ledger_path.write_bytes(b"".join(line + b"\n" for line in lines))
+    written = write_audit_report(run_path)
+    assert written.report.summary["ledger"]["status"] == "verified"  # the ledger alone cannot tell
+    failures = [f.text for f in written.report.findings if f.severity is Severity.FAILURE]
+    rounds_1 = PARTICIPATION["1"]
+    assert failures == [
+        f"client 1 replied in round {rounds_1[-1]} but its ledger chain ends at round {rounds_1[-2]}: entries are "
+        "missing and its epsilon is under-reported"
+    ]
+    assert written.report.summary["clients"]["1"]["epsilon_rdp"] == pytest.approx(
+        opacus_epsilon(history_of("1", up_to_round=rounds_1[-2])), rel=1e-9
+    )
+    warnings = [f.text for f in written.report.findings if f.severity is Severity.WARNING]
+    assert any("metrics.jsonl epsilon differs from the ledger replay for client(s) 1 " in text for text in warnings)
+
+
+def test_unusable_roster_fails_and_unreadable_audit_warns(tmp_path: Path) -> None:
+    run_path = make_dp_run(tmp_path, "bad-roster", dp_config())
+    (run_path / "roster.json").write_text('{"0": "not a key"}', encoding="utf-8")
+    (run_path / "audit.json").write_text("{truncated", encoding="utf-8")
+    written = write_audit_report(run_path)
+    by_severity = {s: [f.text for f in written.report.findings if f.severity is s] for s in Severity}
+    assert len(by_severity[Severity.FAILURE]) == 1
+    assert by_severity[Severity.FAILURE][0].startswith("LEDGER NOT VERIFIED: key roster")
+    assert any(text.startswith("empirical audit unreadable: audit.json is not readable JSON") for text in
+               by_severity[Severity.WARNING])  # fmt: skip
