@@ -68,6 +68,7 @@ from secagg.keys import Identity, Roster  # noqa: E402
 OUT_DIR = Path(__file__).resolve().parent / "out" / "bench_secagg"
 PLOT_PATH = Path(__file__).resolve().parents[1] / "docs" / "img" / "secagg_costs.png"
 MODES = ("none", "masking", "secagg+", "ckks", "flower-secagg", "flower-secagg+")
+_STYLES = (("o", "-"), ("s", "-"), ("^", "--"), ("D", "-"), ("v", "-"), ("<", "--"))
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -493,6 +494,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     rows = results["rows"]
     d_max = max(r["d"] for r in rows)
@@ -505,12 +507,22 @@ def plot(results: dict[str, Any], path: Path) -> None:
             (("n", "d", d_max, "clients n"), ("d", "n", n_ref, "update size d"))
         ):
             ax = axes[row_i][col]
-            for mode in MODES:
+            xs: set[int] = set()
+            for mode, (marker, style) in zip(MODES, _STYLES, strict=True):
                 pts = sorted((r[xkey], r[mode][key]) for r in rows if r[fixed_key] == fixed and mode in r)
                 if pts:
-                    ax.plot([p[0] for p in pts], [max(p[1], 1e-6) for p in pts], marker="o", label=mode)
+                    xs.update(p[0] for p in pts)
+                    ax.plot(
+                        [p[0] for p in pts],
+                        [max(p[1], 1e-6) for p in pts],
+                        marker=marker,
+                        linestyle=style,
+                        label=mode,
+                    )
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.set_xticks(sorted(xs), [f"{x:g}" if xkey == "n" else f"1e{round(math.log10(x))}" for x in sorted(xs)])
+            ax.xaxis.set_minor_locator(NullLocator())
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             fixed_text = f"d = {fixed:.0e}" if fixed_key == "d" else f"n = {fixed}"

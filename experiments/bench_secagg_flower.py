@@ -220,6 +220,7 @@ def bench_flower_secaggplus(
     SecAgg+ ring. Raises RuntimeError if the round halts or the result is further from ``exact`` than
     Flower's quantization allows (n clients, step 2c/2**22 each, stochastic rounding: |err| < n * step).
     """
+    setup_flower_process()
     n = len(updates)
     quantization_range = 2**22
     nodes = {u: _Node(u, np.asarray(x), Context(_RUN_ID, u, {}, RecordDict(), {})) for u, x in sorted(updates.items())}
@@ -291,6 +292,7 @@ def transport_costs(down: Mapping[int, list[bytes]], up: Mapping[int, list[bytes
 
     Returns the mean per-node share (serializing what it sends, parsing what it receives) and the server's.
     """
+    setup_flower_process()
     client: dict[int, float] = {}
     server = 0.0
     for u in sorted(set(down) | set(up)):
@@ -313,6 +315,7 @@ def bench_none_flower(updates: Mapping[int, np.ndarray]) -> dict[str, float]:
     protobuf. Server: parse each reply, convert to numpy, weighted mean. ``client_s``/``server_s`` hold the
     compute only (building the record, the mean); the protobuf copy is in ``*_serde_s``, as for the other modes.
     """
+    setup_flower_process()
     client_build: list[float] = []
     client_serde: list[float] = []
     received: list[Message] = []
