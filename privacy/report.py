@@ -56,8 +56,13 @@ from privacy.ledger import SECURE_MODE_REASON, LedgerEntry, VerificationReport, 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "Alert",
     "AuditReport",
+    "Block",
     "Bullets",
+    "ClientSeries",
+    "DEFAULT_REPORT_DIR",
+    "EPSILON_RTOL",
     "Finding",
     "Image",
     "Paragraph",
@@ -67,6 +72,7 @@ __all__ = [
     "Section",
     "Severity",
     "Table",
+    "WrittenReport",
     "build_report",
     "collect_evidence",
     "epsilon_plot",
@@ -75,7 +81,6 @@ __all__ = [
     "render_html",
     "render_markdown",
     "write_audit_report",
-    "WrittenReport",
 ]
 
 DEFAULT_REPORT_DIR = "report"
@@ -124,17 +129,23 @@ class Finding:
 
 @dataclass(frozen=True)
 class Paragraph:
+    """A paragraph of plain text, optionally in bold."""
+
     text: str
     strong: bool = False
 
 
 @dataclass(frozen=True)
 class Bullets:
+    """A bulleted list of plain-text items."""
+
     items: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class Table:
+    """A table of plain-text cells; every row has as many cells as the header."""
+
     header: tuple[str, ...]
     rows: tuple[tuple[str, ...], ...]
 
@@ -146,12 +157,16 @@ class Table:
 
 @dataclass(frozen=True)
 class Image:
+    """A figure: a PNG written next to the report (``filename``) with its alternative text."""
+
     filename: str
     alt: str
 
 
 @dataclass(frozen=True)
 class Alert:
+    """A finding shown in place, styled by its severity."""
+
     finding: Finding
 
 
@@ -160,6 +175,8 @@ Block = Paragraph | Bullets | Table | Image | Alert
 
 @dataclass(frozen=True)
 class Section:
+    """A titled section of blocks."""
+
     title: str
     blocks: tuple[Block, ...]
 
@@ -506,6 +523,15 @@ def _last_replied_round(ev: RunEvidence) -> dict[str, int]:
     return last
 
 
+_DP_MODES = {
+    "exact": "per-sample gradients of all trainable parameters (prompts included) are clipped to C jointly in "
+    "parameter space before the noise is added.",
+    "feature": "per-sample gradients are clipped to C in text-feature space (with the other trainable "
+    "parameters); the noisy feature gradient is mapped to the prompts afterwards, which is post-processing, so "
+    "the accounting (sigma, q, steps) is the same as in exact mode.",
+}
+
+
 def _privacy_section(ev: RunEvidence, findings: list[Finding], summary: dict[str, Any], has_plot: bool) -> Section:
     cfg = ev.config
     if not ev.dp_enabled:
@@ -566,6 +592,9 @@ def _privacy_section(ev: RunEvidence, findings: list[Finding], summary: dict[str
             ),
         )
     )
+    mode = cfg.get("dp-mode")
+    if mode in _DP_MODES:
+        blocks.append(Paragraph(f"dp-mode {mode}: {_DP_MODES[mode]}"))
     if ev.ledger is None or not ev.ledger.nodes:
         blocks.append(
             Alert(Finding(Severity.WARNING, f"Final epsilon per client: {NOT_AVAILABLE} (no usable ledger)."))
@@ -656,7 +685,12 @@ def _final_epsilon_blocks(
             if abs(recorded[1] - node.epsilon_rdp) / scale > EPSILON_RTOL and recorded[0] >= node.last_round:
                 cross_check_bad.append(f"{node_id} (metrics {recorded[1]:.6g}, ledger {node.epsilon_rdp:.6g})")
     summary["clients"] = clients_summary
-    delta = next(iter(ledger.nodes.values())).delta
+    deltas = sorted({n.delta for n in ledger.nodes.values()})
+    if len(deltas) > 1:
+        findings.append(
+            Finding(Severity.WARNING, f"clients report epsilon at different deltas {deltas}: epsilons not comparable")
+        )
+    delta = max(deltas)
     blocks: list[Block] = [
         Paragraph(
             f"Final epsilon per client at delta = {delta:g}, replayed from the ledger's recorded (sigma, q, steps) "

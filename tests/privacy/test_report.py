@@ -240,6 +240,7 @@ def test_dp_parameters_threat_model_and_limitations(dp_report: tuple[Path, str, 
     totals = sorted({sum(s for _, _, s in history_of(c)) for c in CLIENTS})
     assert params["DP-SGD steps per client (total)"] == ", ".join(str(t) for t in totals)
     assert "Transport protection in force: masking" in markdown
+    assert "dp-mode exact: per-sample gradients of all trainable parameters" in markdown
     assert "honest-but-curious server" in markdown
     assert "secure\\_mode is unavailable on Python 3.11" in markdown
     assert "Empirical audit: not available" in markdown
@@ -448,3 +449,13 @@ def test_unusable_roster_fails_and_unreadable_audit_warns(tmp_path: Path) -> Non
     assert by_severity[Severity.FAILURE][0].startswith("LEDGER NOT VERIFIED: key roster")
     assert any(text.startswith("empirical audit unreadable: audit.json is not readable JSON") for text in
                by_severity[Severity.WARNING])  # fmt: skip
+
+
+def test_run_without_completed_rounds(tmp_path: Path) -> None:
+    run = RunDirectory.create(dp_config(dp=False), seed=0, root=tmp_path, name="fresh")
+    written = write_audit_report(run.path)
+    markdown = written.markdown.read_text(encoding="utf-8")
+    assert written.ok
+    assert "| rounds completed | 0 of 3 configured |" in markdown
+    assert "No completed rounds: utility not available." in markdown
+    assert sorted(p.name for p in written.directory.iterdir()) == ["report.html", "report.json", "report.md"]
