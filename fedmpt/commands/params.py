@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from fedmpt.backbone.loader import TINY_CLIP, load_backbone
-
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("params", help="count trainable parameters of a method", description=__doc__)
     p.add_argument("--method", default="fedmpt")
-    p.add_argument("--backbone", default=TINY_CLIP, help="open_clip model name (built with random weights)")
+    p.add_argument("--backbone", default="fedmpt-tiny-clip", help="open_clip model name (built with random weights)")
     p.add_argument("--dataset", default="synthetic", help="a dataset with shipped default conditions")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedmpt.backbone.loader import load_backbone
     from fedmpt.conditions import load_conditions
     from fedmpt.methods import build_method
 

@@ -12,13 +12,10 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fedmpt.backbone.loader import TINY_CLIP, load_backbone
-from fedmpt.conditions import load_conditions
-from fedmpt.federated import RoundResult, run_federated, world_features
-from fedmpt.methods import METHODS, build_method
-from fedmpt.training import TrainConfig, evaluate
-from fedmpt.world.dataset import FederatedWorldConfig, make_federated_world
+if TYPE_CHECKING:
+    from fedmpt.federated import RoundResult
 
 
 def default_cache_dir() -> Path:
@@ -28,7 +25,7 @@ def default_cache_dir() -> Path:
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("train", help="in-process federated run on the synthetic world", description=__doc__)
-    p.add_argument("--method", default="fedmpt", choices=sorted(METHODS) if METHODS else None)
+    p.add_argument("--method", default="fedmpt", help="fedmpt, an ablation (fedmpt-cps, ...) or a baseline")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--clients", type=int, default=5)
     p.add_argument("--train-per-client", type=int, default=400)
@@ -44,7 +41,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    import fedmpt.methods  # noqa: F401 - registers methods for --method choices
+    # Heavy imports (torch, open_clip) only when the command runs, so that `fedmpt --help` stays fast.
+    from fedmpt.backbone.loader import TINY_CLIP, load_backbone
+    from fedmpt.conditions import load_conditions
+    from fedmpt.federated import run_federated, world_features
+    from fedmpt.methods import build_method
+    from fedmpt.training import TrainConfig, evaluate
+    from fedmpt.world.dataset import FederatedWorldConfig, make_federated_world
 
     start = time.perf_counter()
     backbone = load_backbone(TINY_CLIP)
