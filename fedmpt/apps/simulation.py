@@ -14,6 +14,7 @@ updated with the overrides, validated before the engine starts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Mapping
@@ -27,6 +28,36 @@ from fedmpt.rundir import default_run_name
 logger = logging.getLogger("flwr.fedmpt.simulation")
 
 DEFAULT_NUM_SUPERNODES = 5
+
+
+def shutdown_ray(grace_s: float = 5.0) -> None:
+    """Stop the local Ray cluster of this process and every process it started (GCS, raylet, agents, actors).
+
+    ``ray.shutdown()`` alone is not enough when the interrupt came during Ray's start-up: its dashboard and
+    runtime-env agents then outlive the driver. So the descendants are listed first, Ray is shut down, and
+    whatever still runs gets SIGTERM, then SIGKILL after ``grace_s``.
+    """
+    import psutil
+
+    try:
+        descendants = psutil.Process().children(recursive=True)
+    except psutil.Error:  # pragma: no cover
+        descendants = []
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except ImportError:  # pragma: no cover - ray comes with flwr[simulation]
+        pass
+    alive = [p for p in descendants if p.is_running()]
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, still_alive = psutil.wait_procs(alive, timeout=grace_s)
+    for process in still_alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
 
 
 def run_local_simulation(
@@ -64,11 +95,21 @@ def run_local_simulation(
     from fedmpt.apps.client_app import build_client_app
     from fedmpt.apps.server_app import build_server_app
 
-    run_simulation(
-        server_app=build_server_app(fixed),
-        client_app=build_client_app(fixed),
-        num_supernodes=num_supernodes,
-        backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}},
-    )
+    try:
+        run_simulation(
+            server_app=build_server_app(fixed),
+            client_app=build_client_app(fixed),
+            num_supernodes=num_supernodes,
+            backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}},
+        )
+    except KeyboardInterrupt:
+        logger.warning(
+            "interrupted; stopping Ray. %s keeps every completed round: continue it with "
+            "--run-config 'run-name=\"%s\" resume=true'",
+            path,
+            config.federation.run_name,
+        )
+        shutdown_ray()
+        raise
     logger.info("fedmpt simulation done: %s", path)
     return path

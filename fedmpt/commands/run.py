@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
+import sys
+from types import FrameType
 from typing import Any
 
 # fedmpt.apps imports flwr (and Ray when the simulation starts); import it only when this command runs.
@@ -23,9 +27,25 @@ def _run(args: argparse.Namespace) -> int:
     overrides = parse_run_config_overrides(args.run_config or [])
     # Flower's logger has its own console handler; stop it from also reaching the CLI's root handler.
     logging.getLogger("flwr").propagate = False
-    path = run_local_simulation(overrides, num_supernodes=args.num_supernodes, cpus_per_client=args.cpus_per_client)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        path = run_local_simulation(overrides, num_supernodes=args.num_supernodes, cpus_per_client=args.cpus_per_client)
+    except KeyboardInterrupt:
+        # Ray is stopped by now; Flower's ServerApp thread is not a daemon and would keep the interpreter
+        # waiting for its message timeouts, so leave at once. Every file of the run directory is written
+        # atomically, so nothing is left half-written.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"run directory: {path}")
     return 0
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM takes the same path as Ctrl-C: stop Ray, then exit."""
+    raise KeyboardInterrupt
 
 
 def register(subparsers: Any) -> None:
