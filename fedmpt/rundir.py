@@ -120,9 +120,7 @@ class RoundRecord:
         if self.wall_time_s < 0:
             raise ConfigError(f"RoundRecord.wall_time_s must be >= 0, got {self.wall_time_s!r}")
         if self.bytes_down < 0 or self.bytes_up < 0:
-            raise ConfigError(
-                f"RoundRecord bytes must be >= 0, got down={self.bytes_down} up={self.bytes_up}"
-            )
+            raise ConfigError(f"RoundRecord bytes must be >= 0, got down={self.bytes_down} up={self.bytes_up}")
         overlap = set(self.extra) & _RECORD_KEYS
         if overlap:
             raise ConfigError(f"RoundRecord.extra may not redefine the keys {sorted(overlap)}")
@@ -350,9 +348,7 @@ class RunDirectory:
             path / RunFile.CONFIG,
             {"format": RUN_FORMAT, "version": RUN_FORMAT_VERSION, "config_sha256": sha, "config": run.config},
         )
-        _atomic_write_json(
-            path / RunFile.ENVIRONMENT, environment_record(seed, include_hostname=include_hostname)
-        )
+        _atomic_write_json(path / RunFile.ENVIRONMENT, environment_record(seed, include_hostname=include_hostname))
         run._write_state(last_round=0, rng_state=None, finished=False)
         (path / RunFile.METRICS).touch()
         logger.info("run directory %s created", path)
@@ -371,8 +367,7 @@ class RunDirectory:
             raise RunDirectoryError(f"{run_path / RunFile.CONFIG} is not a {RUN_FORMAT} config file")
         if stored.get("version") != RUN_FORMAT_VERSION:
             raise RunDirectoryError(
-                f"{run_path} has run format version {stored.get('version')!r}, this code reads "
-                f"{RUN_FORMAT_VERSION}"
+                f"{run_path} has run format version {stored.get('version')!r}, this code reads {RUN_FORMAT_VERSION}"
             )
         if config is not None and config_sha256(config) != stored["config_sha256"]:
             differing = sorted(
@@ -415,9 +410,7 @@ class RunDirectory:
         metadata = {"round": str(server_round), "config_sha256": self.config_sha256, "format": RUN_FORMAT}
         atomic_write_bytes(path, safetensors_save(_check_arrays(arrays), metadata=metadata))
 
-    def _write_state(
-        self, *, last_round: int, rng_state: Mapping[str, JSONValue] | None, finished: bool
-    ) -> None:
+    def _write_state(self, *, last_round: int, rng_state: Mapping[str, JSONValue] | None, finished: bool) -> None:
         _atomic_write_json(
             self.path / RunFile.STATE,
             {
@@ -526,9 +519,7 @@ class RunDirectory:
             )
         text = "".join(json.dumps(m, allow_nan=False) + "\n" for m in kept)
         if text != (self.path / RunFile.METRICS).read_text(encoding="utf-8"):
-            logger.warning(
-                "dropping metrics lines of uncompleted rounds from %s", self.path / RunFile.METRICS
-            )
+            logger.warning("dropping metrics lines of uncompleted rounds from %s", self.path / RunFile.METRICS)
             atomic_write_bytes(self.path / RunFile.METRICS, text.encode("utf-8"))
         arrays = None
         if last > 0:
