@@ -26,15 +26,17 @@ Deliberately broken variants, which the audit must catch: ``no-clipping`` (noise
 clipping) and ``per-class`` (the Opacus silent failure on prompt tuning: "per-sample" prompt gradients
 indexed by prompt/class, :func:`privacy.per_sample.per_class_prompt_gradients`).
 
-One-run audit (Steinke, Nasr, Jagielski, NeurIPS 2023): ``m`` canary records, each inserted with probability
-1/2 (coins from :mod:`secrets`), one DP training, score = loss decrease of each canary, guesses on the
-highest and lowest scores, ``epsilon_lb`` from :func:`privacy.audit.one_run_audit`.
+One-run audit (Steinke, Nasr, Jagielski, NeurIPS 2023): ``m`` canary records, each inserted with
+probability 1/2 (coins from :mod:`secrets`), one DP training, white-box scores (least-squares coefficients of
+the parameter change on the canaries' gradients, :func:`canary_scores`), guesses on the highest and lowest
+scores, ``epsilon_lb`` from :func:`privacy.audit.one_run_audit`.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -43,8 +45,8 @@ import torch
 from torch import Tensor
 
 from fedmpt.methods.base import Method
-from fedmpt.training import FeatureData, State, TrainConfig, batch_loss
-from privacy.accounting import DpSgdEvent, epsilon_pld, validate_delta, validate_noise_multiplier
+from fedmpt.training import ClientUpdate, FeatureData, State, TrainConfig
+from privacy.accounting import DpSgdEvent, compute_epsilon, epsilon_pld, validate_delta, validate_noise_multiplier
 from privacy.audit import EpsilonLowerBound, OneRunAudit, epsilon_lower_bound, one_run_audit
 from privacy.dpsgd import (
     DPConfig,
@@ -62,12 +64,16 @@ __all__ = [
     "OneRunCanaryAudit",
     "StepAudit",
     "audit_dp_step",
+    "canary_scores",
     "concat",
     "gradient_canary",
     "one_run_canary_audit",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: A DP client update: ``(method, state, data, train_config, dp_config) -> (update, event)``.
+Trainer = Callable[[Method, State, FeatureData, TrainConfig, DPConfig], tuple[ClientUpdate, DpSgdEvent]]
 
 #: Clip norm the broken ``no-clipping`` variant clips at (i.e. effectively never).
 _NO_CLIP = 1e9
@@ -251,14 +257,17 @@ def one_run_canary_audit(
     canary_scale: float = 3.0,
     seed: int | None = None,
     confidence: float = 0.95,
+    trainer: Trainer = dp_client_update,
 ) -> OneRunCanaryAudit:
     """One-run audit (Steinke et al. 2023) of one DP client update of ``method`` from ``state`` on ``data``.
 
     ``canaries`` records (:func:`gradient_canary` at ``canary_scale``, each with a random half of the labels
     positive) are each added with probability 1/2; one :func:`privacy.dpsgd.dp_client_update` runs on the
-    data plus the included canaries; each canary's score is its loss before minus after training; the
+    data plus the included canaries; each canary's score is the projection of the parameter change onto its
+    descent directions at the start, fitted jointly (:func:`canary_scores`, white-box); the
     ``guesses`` (default ``canaries // 5``) highest/lowest scores (half each) are guessed in/out. The claim is
-    the configured accountant's epsilon of the training's event at ``dp_config.delta``.
+    the configured accountant's epsilon of the training's event at ``dp_config.delta``. ``trainer`` is the
+    implementation under audit (a test passes a deliberately broken one).
     """
     if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 2:
         raise PrivacyParameterError(f"canaries must be an integer >= 2, got {canaries!r}")
@@ -274,19 +283,34 @@ def one_run_canary_audit(
     else:
         coins = torch.rand(canaries, generator=generator).numpy() < 0.5
     method.load_trainable_state(state)
-    before = _losses(method, pool, train_config)
+    prepare_for_dp(method)
+    gradients = _canary_gradients(method, pool, train_config)  # (m, P) at the starting point
     training = concat(data, pool.subset(np.flatnonzero(coins))) if coins.any() else data
     dp = replace(dp_config, seed=None if seed is None else seed + 2)
-    update, event = dp_client_update(method, state, training, train_config, dp)
-    method.load_trainable_state(update.state)
-    after = _losses(method, pool, train_config)
-    audit = one_run_audit(coins, before - after, r // 2, r - r // 2, dp_config.delta, confidence)
-    claimed = float(update.metrics["epsilon"])
+    update, event = trainer(method, state, training, train_config, dp)
+    names = tuple(sorted(state))
+    moved = torch.cat([(update.state[n] - state[n]).reshape(-1) for n in names])  # (P,)
+    scores = canary_scores(gradients, moved).numpy()  # higher = more descended on = included
+    audit = one_run_audit(coins, scores, r // 2, r - r // 2, dp_config.delta, confidence)
+    claimed = compute_epsilon([event], dp_config.delta, dp_config.accountant)
     return OneRunCanaryAudit(audit, claimed, event)
 
 
-def _losses(method: Method, data: FeatureData, train_config: TrainConfig) -> np.ndarray:
-    """Per-record losses of ``data`` under the method's current parameters (eval mode, no gradients)."""
-    method.eval()
-    with torch.no_grad():
-        return batch_loss(method, data, torch.arange(len(data)), train_config).numpy().astype(np.float64)
+def _canary_gradients(method: Method, pool: FeatureData, train_config: TrainConfig) -> Tensor:
+    """Exact per-sample gradients (m, P) of the canaries, all parameters flattened in sorted-name order."""
+    grads = per_sample_gradients(method, pool.global_features, pool.patch_features, pool.labels, train_config)
+    rows = {**grads.prompt_gradients(), **grads.other}
+    return torch.cat([rows[n].reshape(len(pool), -1) for n in sorted(rows)], dim=1)
+
+
+def canary_scores(gradients: Tensor, moved: Tensor) -> Tensor:
+    """White-box one-run scores: least-squares coefficients ``c`` of the parameter change on the descent directions.
+
+    ``moved ~ -sum_i c_i g_i``: SGD moves the parameters by ``-lr/B`` times each included record's gradient, so
+    ``c_i`` estimates how much canary ``i`` was descended on. Canary gradients share large common parts (biases,
+    the shared class context, the low-dimensional span of the text features), so the plain projection
+    ``<moved, -g_i>`` is dominated by the other canaries; the joint least-squares fit removes that cross-talk
+    (exactly, for a linear leak). ``gradients`` (m, P), ``moved`` (P,) -> (m,).
+    """
+    solution = torch.linalg.lstsq(-gradients.double().T, moved.double().unsqueeze(1)).solution  # (m, 1)
+    return solution.squeeze(1)
