@@ -260,6 +260,102 @@ def bench_ckks_options(n: int, d: int, rng: np.random.Generator, clip: float, no
     return rows
 
 
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median": float(np.median(values)), "min": float(np.min(values)), "max": float(np.max(values))}
+
+
+def bench_primitives(repeats: int = 200) -> dict[str, dict[str, float]]:
+    """Per-operation cost (ms) of the public-key steps every masking client repeats once per peer."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    signer = Ed25519PrivateKey.generate()
+    message = os.urandom(120)
+    signature, public = signer.sign(message), signer.public_key()
+    a, b = X25519PrivateKey.generate(), X25519PrivateKey.generate().public_key()
+    out = {}
+    for name, fn in (
+        ("ed25519_verify_ms", partial(public.verify, signature, message)),
+        ("x25519_exchange_ms", partial(a.exchange, b)),
+    ):
+        times = [_timed(fn)[1] * 1e3 for _ in range(repeats)]
+        out[name] = _stats(times)
+    return out
+
+
+def bench_focused(
+    rng: np.random.Generator, repeats_small: int, repeats_large: int, with_flower: bool, link_mbps: float
+) -> dict[str, Any]:
+    """The three target cells measured again with interleaved repetitions (median, min, max per quantity).
+
+    * n = 10, d = 1e5: plaintext (bare and serialized) vs masking, ``repeats_small`` interleaved rounds.
+    * n = 10, d = 1e6: masking vs Flower's SecAgg (complete graph), ``repeats_large`` interleaved rounds.
+    * d = 1e6: CKKS encryption time of one client, ``repeats_large`` encryptions.
+
+    Interleaving puts every mode under the same background load; the ratio of medians is the headline.
+    """
+    link = link_mbps * 1e6 / 8
+    ids = {u: Identity.generate(u) for u in range(1, 11)}
+    roster = Roster.from_identities(ids)
+    cfg = MaskingConfig(threshold=6, scale=2.0**16)
+    out: dict[str, Any] = {"repeats_small": repeats_small, "repeats_large": repeats_large}
+
+    updates = {u: rng.normal(0, 0.02, 10**5) for u in range(1, 11)}
+    exact = np.mean(list(updates.values()), axis=0)
+    series: dict[str, list[float]] = {k: [] for k in ("none_bare", "none_ser", "none_link", "mask_bare", "mask_ser")}
+    series["mask_link"] = []
+    for _ in range(repeats_small):
+        base = bench_none_with_serde(updates)
+        mask = bench_masking(updates, cfg, ids, roster, exact)
+        for key, m in (("none", base), ("mask", mask)):
+            bare = m["client_s"] + m["server_s"]
+            ser = bare + m["client_serde_s"] + m["server_serde_s"]
+            series[f"{key}_bare"].append(bare)
+            series[f"{key}_ser"].append(ser)
+            series[f"{key}_link"].append(ser + (m["up_bytes"] + m["down_bytes"]) / link)
+    cell: dict[str, Any] = {key: _stats(v) for key, v in series.items()}
+    for kind in ("bare", "ser", "link"):
+        cell[f"ratio_{kind}"] = cell[f"mask_{kind}"]["median"] / cell[f"none_{kind}"]["median"]
+    out["masking_vs_plaintext_n10_d1e5"] = cell
+
+    updates = {u: rng.normal(0, 0.02, 10**6) for u in range(1, 11)}
+    exact = np.mean(list(updates.values()), axis=0)
+    if with_flower:
+        big: dict[str, list[float]] = {"masking": [], "flower-secagg": []}
+        for _ in range(repeats_large):
+            m = bench_masking(updates, cfg, ids, roster, exact)
+            f = flower_peer.bench_flower_secaggplus(updates, 10, 6, 1.0, exact)
+            big["masking"].append(m["client_s"] + m["server_s"])
+            big["flower-secagg"].append(f["client_s"] + f["server_s"])
+        cell = {key: _stats(v) for key, v in big.items()}
+        cell["ratio"] = cell["flower-secagg"]["median"] / cell["masking"]["median"]
+        out["flower_vs_masking_n10_d1e6"] = cell
+
+    ckks_cfg = CkksConfig(clip_range=1.0)
+    secret = ckks.create_secret_context(ckks_cfg)
+    key_id = ckks.new_key_id()
+    run = os.urandom(16)
+    enc = [
+        _timed(
+            partial(
+                ckks.encrypt_update,
+                secret,
+                ckks_cfg,
+                updates[1],
+                1,
+                run_id=run,
+                round_number=1,
+                sender=1,
+                key_id=key_id,
+            )
+        )[1]
+        for _ in range(repeats_large)
+    ]
+    out["ckks_encrypt_1e6_s"] = _stats(enc)
+    out["primitives"] = bench_primitives()
+    return out
+
+
 def _secaggplus_k(n: int) -> int | None:
     k = max(4, 2 * math.ceil(math.log2(n)))
     k += k % 2
@@ -352,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     parser.add_argument("--no-flower", action="store_true", help="skip Flower's SecAgg+ (the slowest mode)")
+    parser.add_argument(
+        "--focused-repeats", type=int, default=21, help="interleaved rounds of the n=10, d=1e5 target cell"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="rounds per cell with d <= 1e5 (median)")
     parser.add_argument("--link-mbps", type=float, default=100.0, help="modelled per-client link for 'link' ratios")
     parser.add_argument("--plot", type=Path, default=PLOT_PATH, help="where to draw the cost plot")
@@ -363,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.link_mbps > 0:
         parser.error(f"--link-mbps must be > 0, got {args.link_mbps}")
+    if args.focused_repeats < 1:
+        parser.error(f"--focused-repeats must be >= 1, got {args.focused_repeats}")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     flower_peer.setup_flower_process()
@@ -372,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows = run_grid(clients, sizes, rng, not args.no_flower, args.link_mbps, args.repeats)
     options = bench_ckks_options(10, 10**5, rng, clip=0.1, noise_std=0.1)
+    focused = bench_focused(
+        rng, args.focused_repeats, max(3, args.focused_repeats // 4), not args.no_flower, args.link_mbps
+    )
     command = "python experiments/bench_secagg.py" + (" --quick" if args.quick else "")
     if args.no_flower:
         command += " --no-flower"
@@ -388,10 +492,10 @@ def main(argv: list[str] | None = None) -> int:
         "flwr": _flwr_version(),
         "note": "wall-clock on a shared machine; ratios are from the same run",
     }
-    results = {"meta": meta, "rows": rows, "ckks_options": options}
+    results = {"meta": meta, "rows": rows, "ckks_options": options, "focused": focused}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    md = _markdown(rows, options, meta)
+    md = _markdown(rows, options, meta, focused)
     (args.out / "results.md").write_text(md)
     plot(results, args.plot)
     print(md)
@@ -418,7 +522,7 @@ def _row_line(row: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def _markdown(rows: list[dict[str, Any]], options: list[dict], meta: dict[str, Any]) -> str:
+def _markdown(rows: list[dict[str, Any]], options: list[dict], meta: dict[str, Any], focused: dict[str, Any]) -> str:
     out = [
         f"Command: `{meta['command']}` (flwr {meta['flwr']}, {meta['cpu_count']} CPUs, load average "
         f"{meta['load_avg_at_start'][0]:.1f} at start, {meta['load_avg_at_end'][0]:.1f} at end, "
@@ -441,7 +545,7 @@ def _markdown(rows: list[dict[str, Any]], options: list[dict], meta: dict[str, A
                 f"{m['round_ratio_vs_none_link']:.2f} | {m['up_ratio_vs_none']:.2f} | "
                 f"{m.get('max_abs_error', 0.0):.2e} |"
             )
-    out += ["", *_targets(rows)]
+    out += ["", *_targets(rows), "", *_focused_lines(focused, meta)]
     out += [
         "",
         "CKKS encoding options (n=10 clients, d=1e5, updates N(0, 0.02), clip 0.1; DP noise std 0.1):",
@@ -485,6 +589,44 @@ def _targets(rows: list[dict[str, Any]]) -> list[str]:
     enc = [f"{r['ckks']['encrypt_s']:.2f}" for r in rows if r["d"] == 10**6]
     if enc:
         out.append(f"* CKKS encryption of 1e6 parameters (target <= 1 s): {', '.join(enc)} s (one per n)")
+    return out
+
+
+def _focused_lines(focused: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    """Markdown of :func:`bench_focused`: medians (min-max) and ratios of medians."""
+
+    def ms(stat: dict[str, float]) -> str:
+        return f"{stat['median'] * 1e3:.1f} ms ({stat['min'] * 1e3:.1f}-{stat['max'] * 1e3:.1f})"
+
+    c = focused["masking_vs_plaintext_n10_d1e5"]
+    out = [
+        f"Target cells re-measured with interleaved repetitions (median (min-max)); {focused['repeats_small']} "
+        f"rounds at d=1e5, {focused['repeats_large']} at d=1e6:",
+        "",
+        "| n=10, d=1e5 round | plaintext | masking | masking / plaintext (target <= 1.25) |",
+        "|---|---|---|---|",
+        f"| bare compute | {ms(c['none_bare'])} | {ms(c['mask_bare'])} | {c['ratio_bare']:.2f} |",
+        f"| + Flower serialization | {ms(c['none_ser'])} | {ms(c['mask_ser'])} | {c['ratio_ser']:.2f} |",
+        f"| + serialization + {meta['link_mbps']:g} Mbit/s link (modelled) | {ms(c['none_link'])} | "
+        f"{ms(c['mask_link'])} | {c['ratio_link']:.2f} |",
+        "",
+    ]
+    if "flower_vs_masking_n10_d1e6" in focused:
+        f = focused["flower_vs_masking_n10_d1e6"]
+        out.append(
+            f"* n=10, d=1e6 compute per round: masking {ms(f['masking'])}, Flower SecAgg {ms(f['flower-secagg'])}: "
+            f"Flower / masking = {f['ratio']:.1f}x (target >= 3)"
+        )
+    e = focused["ckks_encrypt_1e6_s"]
+    out.append(
+        f"* CKKS encryption of 1e6 parameters: {e['median']:.2f} s median ({e['min']:.2f}-{e['max']:.2f}) "
+        "(target <= 1 s)"
+    )
+    p = focused["primitives"]
+    out.append(
+        f"* per-peer public-key steps of a masking client: Ed25519 verify {p['ed25519_verify_ms']['median']:.3f} ms, "
+        f"X25519 exchange {p['x25519_exchange_ms']['median']:.3f} ms (median of 200)"
+    )
     return out
 
 
