@@ -373,8 +373,8 @@ def dp_client_update(
     event = plan.event
     mode = DPMode(dp_config.mode)
     method.load_trainable_state(state)
+    method.train()  # before the check: it must see the modes training runs in (e.g. dropout)
     prepare_for_dp(method)
-    method.train()
     params = method.trainable_parameters()
     if not params:
         empty = DpSgdEvent(event.noise_multiplier, event.sample_rate, 0)

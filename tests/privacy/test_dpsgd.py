@@ -33,7 +33,7 @@ from privacy.dpsgd import (
     release_shapes,
 )
 from privacy.errors import PrivacyParameterError
-from privacy.per_sample import per_sample_gradients, prepare_for_dp, split_parameters
+from privacy.per_sample import DPIncompatibleError, per_sample_gradients, prepare_for_dp, split_parameters
 
 CONDITIONS = ("spatial layout", "object pose", "background")
 CLASSES = ("star", "tree", "house", "heart")
@@ -332,3 +332,13 @@ def test_zero_shot_has_nothing_to_train_and_spends_nothing(backbone: Backbone) -
     method = build_method("zeroshot", backbone, CLASSES, CONDITIONS)
     update, event = dp_client_update(method, {}, _data(10), TrainConfig(batch_size=2), DPConfig(noise_multiplier=1.0))
     assert event.steps == 0 and update.state == {}
+
+
+def test_dp_client_update_checks_the_method_in_training_mode(backbone: Backbone) -> None:
+    method = build_method("promptfl", backbone, CLASSES, CONDITIONS)
+    method.add_module("drop", torch.nn.Dropout(0.5))
+    method.eval()  # harmless now, but training switches it on: the check must see the training mode
+    with pytest.raises(DPIncompatibleError, match="dropout"):
+        dp_client_update(
+            method, method.trainable_state(), _data(10), TrainConfig(batch_size=2), DPConfig(noise_multiplier=1.0)
+        )
