@@ -13,7 +13,10 @@ stopping), ``nondp-fixed`` (same, Sinkhorn with the fixed iterations the DP path
 measured as the peak growth of the resident set over two steps, polled every millisecond (tracemalloc cannot
 see torch's allocator); the exact mode also with vjp chunks of 1 and 32.
 
-Part 2 (utility): FedAvg over the world's clients with ``dp_client_update`` (sigma calibrated for the whole
+Part 2 (audit): white-box canary audits of one step (:mod:`privacy.canary`), the real step in both modes and
+the broken variants, ``--audit-trials`` releases per arm.
+
+Part 3 (utility): FedAvg over the world's clients with ``dp_client_update`` (sigma calibrated for the whole
 run, every client every round) and the non-DP loop, test mAP on the in-distribution global test set. Clip
 norms are fixed per mode (``--clip-feature``, ``--clip-exact``) near the median per-sample norm of each
 mode's released vector at initialisation (the two spaces differ by ~15x), so that both modes clip alike.
@@ -46,6 +49,7 @@ from fedmpt.methods.base import Method
 from fedmpt.training import FeatureData, TrainConfig, batch_loss, client_update, evaluate, fedavg
 from fedmpt.world import FederatedWorldConfig, make_federated_world
 from fedmpt.world.dataset import condition_names
+from privacy.canary import audit_dp_step, gradient_canary
 from privacy.dpsgd import (
     DPConfig,
     DPMode,
@@ -236,6 +240,37 @@ def _utility_run(
             "seconds": time.perf_counter() - start}  # fmt: skip
 
 
+def _audits(backbone: Backbone, classnames: tuple[str, ...], data: FeatureData, trials: int) -> list[dict[str, Any]]:
+    """White-box canary audits of one step (z=2, delta=1e-5): the real step in both modes and broken variants.
+
+    Benign records: 8 rows of client 0 with every label unknown (zero gradient); the canary from
+    :func:`privacy.canary.gradient_canary`; C = 1e-3 so that the canary clips in both spaces.
+    """
+    method = _method(backbone, classnames, dp=True)
+    benign = data.subset(range(8))
+    benign = FeatureData(benign.global_features, benign.patch_features, np.full_like(benign.labels, -1))
+    canary = gradient_canary(benign, seed=5)
+    rows = []
+    for mode, variant in (
+        ("feature", "correct"),
+        ("exact", "correct"),
+        ("feature", "no-clipping"),
+        ("exact", "no-clipping"),
+        ("exact", "per-class"),
+    ):
+        start = time.perf_counter()
+        audit = audit_dp_step(
+            method, benign, canary, TrainConfig(), mode=mode, variant=variant, noise_multiplier=2.0,
+            max_grad_norm=1e-3, trials=trials,
+        )  # fmt: skip
+        rows.append({"mode": mode, "variant": variant, "epsilon_lb": audit.epsilon_lower_bound,
+                     "claimed_epsilon": audit.claimed_epsilon, "mean_shift": audit.mean_shift,
+                     "violation": audit.violation, "trials_per_arm": trials,
+                     "seconds": time.perf_counter() - start})  # fmt: skip
+        logger.info("audit %s", rows[-1])
+    return rows
+
+
 def _summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     groups: dict[str, list[float]] = {}
     for row in rows:
@@ -245,15 +280,16 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def _markdown(result: dict[str, Any]) -> str:
-    t = result["timing"]
-    lines = [
-        f"Backbone: {result['backbone']}; torch threads: {result['settings']['threads']}; {result['machine']}",
-        "",
-        "| variant | median step (s) | / nondp | / nondp-fixed | peak RSS growth (MiB) |",
-        "|---|---|---|---|---|",
-    ]
+    lines = [f"Backbone: {result['backbone']}; torch threads: {result['settings']['threads']}; {result['machine']}"]
+    t: dict[str, Any] = result.get("timing") or {}
     memory = result.get("memory", {})
-    for v in VARIANTS:
+    if t:
+        lines += [
+            "",
+            "| variant | median step (s) | / nondp | / nondp-fixed | peak RSS growth (MiB) |",
+            "|---|---|---|---|---|",
+        ]
+    for v in VARIANTS if t else ():
         mem = memory.get(v)
         lines.append(
             f"| {v} | {t['median_seconds'][v]:.3f} | {t['ratio_vs_nondp'][v]:.2f} | {t['ratio_vs_nondp_fixed'][v]:.2f} "
@@ -262,6 +298,17 @@ def _markdown(result: dict[str, Any]) -> str:
     for key, mem in memory.items():
         if key.startswith("dp-exact (chunk"):
             lines.append(f"| {key} | | | | {mem:.0f} |")
+    if "audit" in result:
+        lines += [
+            "",
+            "| mode | implementation | epsilon_lb (95%) | claimed epsilon | mean shift mu (<= 1/z = 0.5) | caught |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in result["audit"]:
+            lines.append(
+                f"| {row['mode']} | {row['variant']} | {row['epsilon_lb']:.2f} | {row['claimed_epsilon']:.2f} "
+                f"| {row['mean_shift']:.2f} | {'yes' if row['violation'] else 'no'} |"
+            )
     if "utility" in result:
         lines += ["", "| mode | epsilon | mAP (mean +- std over seeds) | seeds |", "|---|---|---|---|"]
         for key, s in sorted(result["utility"]["summary"].items()):
@@ -276,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--out", type=Path, default=Path("experiments/out/bench_dp_step"))
     parser.add_argument("--skip-utility", action="store_true")
+    parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--audit-trials", type=int, default=2000, help="canary-audit trials per arm (0: skip)")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--clip-feature", type=float, default=7.0, help="C of the feature-space mode")
     parser.add_argument("--clip-exact", type=float, default=100.0, help="C of the exact mode")
@@ -314,9 +363,11 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, torch {torch.__version__}, python {sys.version.split()[0]}",
         "command": " ".join(["experiments/bench_dp_step.py", *(argv if argv is not None else sys.argv[1:])]),
     }
-    logger.info("timing %s", VARIANTS)
-    result["timing"] = _timing(settings, backbone, classnames, clients[0])
-    logger.info("timing: %s", result["timing"]["median_seconds"])
+    if not args.skip_timing:
+        result["timing"] = _timing(settings, backbone, classnames, clients[0])
+        logger.info("timing: %s", result["timing"]["median_seconds"])
+    if args.audit_trials:
+        result["audit"] = _audits(backbone, classnames, clients[0], args.audit_trials)
     if not args.skip_memory:
         result["memory"] = _memory(settings, backbone, classnames, clients[0])
         logger.info("memory (MiB): %s", result["memory"])
