@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-exact", type=float, default=100.0, help="C of the exact mode")
     parser.add_argument("--modes", nargs="+", default=["feature", "exact"], choices=["feature", "exact"])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     torch.set_num_threads(args.threads)
     world = (
         FederatedWorldConfig(num_clients=3, train_per_client=160, test_per_client=16, global_test_size=300)
