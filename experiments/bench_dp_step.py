@@ -10,8 +10,9 @@ client 0's features. Variants, interleaved round-robin in one process so that th
 machine's load: ``nondp`` (the library's step: mean asymmetric loss, backward, SGD; Sinkhorn with early
 stopping), ``nondp-fixed`` (same, Sinkhorn with the fixed iterations the DP path needs), ``dp-feature`` and
 ``dp-exact`` (per-sample gradients, Opacus clipping and noise, SGD). Peak resident memory of each variant is
-measured as the peak growth of the resident set over two steps, polled every millisecond (tracemalloc cannot
-see torch's allocator); the exact mode also with vjp chunks of 1 and 32.
+measured as the peak growth of the resident set over two steps, polled every millisecond, each variant in a
+fresh process with glibc returning large blocks at once (tracemalloc cannot see torch's allocator); the exact
+mode also with vjp chunks of 1 and 32.
 
 Part 2 (audit): white-box canary audits of one step (:mod:`privacy.canary`), the real step in both modes and
 the broken variants, ``--audit-trials`` releases per arm.
@@ -29,9 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -188,17 +191,31 @@ def _peak_rss_growth(step: _Step, repeats: int = 2) -> float:
     return peak[0] - baseline
 
 
-def _memory(settings: Settings, backbone: Backbone, classnames: tuple[str, ...], data: FeatureData) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for variant in VARIANTS:
-        step = _Step(variant, backbone, classnames, data, settings)
-        step()  # warm-up: allocations that persist across steps are not step memory
-        out[variant] = _peak_rss_growth(step)
-    for chunk in (1, settings.batch):
-        step = _Step("dp-exact", backbone, classnames, data, replace(settings, chunk_size=chunk))
-        step()
-        out[f"dp-exact (chunk {chunk})"] = _peak_rss_growth(step)
-    return out
+def _memory_child(variant: str, chunk: int, quick: bool, threads: int, out: Path) -> None:
+    """Runs in a fresh process: builds one variant and prints its peak RSS growth over two steps as JSON."""
+    torch.set_num_threads(threads)
+    settings = replace(
+        _settings(quick, threads, {"feature": 1.0, "exact": 1.0}, ("feature", "exact")), chunk_size=chunk
+    )
+    backbone, _ = _backbone()
+    clients, _ = _features(settings, backbone, out / "feature_cache")
+    step = _Step(variant, backbone, tuple(make_federated_world(settings.world).classnames), clients[0], settings)
+    print(json.dumps({"variant": variant, "chunk": chunk, "mib": _peak_rss_growth(step)}))
+
+
+def _memory(settings: Settings, out: Path) -> dict[str, float]:
+    """Each variant in a fresh process with glibc returning large blocks at once (``MALLOC_MMAP_THRESHOLD_``),
+    so that the resident set follows live memory and no pool from an earlier variant hides allocations."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    results: dict[str, float] = {}
+    jobs = [(v, settings.chunk_size) for v in VARIANTS] + [("dp-exact", 1), ("dp-exact", settings.batch)]
+    for variant, chunk in jobs:
+        command = [sys.executable, __file__, "--memory-child", variant, str(chunk), "--threads", str(settings.threads),
+                   "--out", str(out), *(["--quick"] if settings.quick else [])]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+        value = json.loads(done.stdout.strip().splitlines()[-1])["mib"]
+        results[f"dp-exact (chunk {chunk})" if variant == "dp-exact" else variant] = value
+    return results
 
 
 def _utility_run(
@@ -317,6 +334,29 @@ def _markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _settings(quick: bool, threads: int, clips: dict[str, float], modes: tuple[str, ...]) -> Settings:
+    world = (
+        FederatedWorldConfig(num_clients=3, train_per_client=160, test_per_client=16, global_test_size=300)
+        if quick
+        else FederatedWorldConfig(num_clients=5, train_per_client=400, test_per_client=16, global_test_size=1000)
+    )
+    return Settings(
+        quick=quick,
+        threads=threads,
+        batch=32,
+        timing_repeats=3 if quick else 7,
+        world=world,
+        rounds=3 if quick else 10,
+        epsilons=(1.0, 3.0, 8.0),
+        seeds=(0, 1, 2),
+        modes=modes,
+        max_grad_norm=clips,
+        delta=1e-4 if quick else 1e-5,
+        lr=0.05,
+        chunk_size=8,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced world, rounds and repeats")
@@ -324,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("experiments/out/bench_dp_step"))
     parser.add_argument("--skip-utility", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--memory-child", nargs=2, metavar=("VARIANT", "CHUNK"), help=argparse.SUPPRESS)
     parser.add_argument("--audit-trials", type=int, default=2000, help="canary-audit trials per arm (0: skip)")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--clip-feature", type=float, default=7.0, help="C of the feature-space mode")
@@ -332,26 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     torch.set_num_threads(args.threads)
-    world = (
-        FederatedWorldConfig(num_clients=3, train_per_client=160, test_per_client=16, global_test_size=300)
-        if args.quick
-        else FederatedWorldConfig(num_clients=5, train_per_client=400, test_per_client=16, global_test_size=1000)
-    )
-    settings = Settings(
-        quick=args.quick,
-        threads=args.threads,
-        batch=32,
-        timing_repeats=3 if args.quick else 7,
-        world=world,
-        rounds=3 if args.quick else 10,
-        epsilons=(1.0, 3.0, 8.0),
-        seeds=(0, 1, 2),
-        modes=tuple(args.modes),
-        max_grad_norm={"feature": args.clip_feature, "exact": args.clip_exact},
-        delta=1e-4 if args.quick else 1e-5,
-        lr=0.05,
-        chunk_size=8,
-    )
+    clips = {"feature": args.clip_feature, "exact": args.clip_exact}
+    if args.memory_child:
+        _memory_child(args.memory_child[0], int(args.memory_child[1]), args.quick, args.threads, args.out)
+        return 0
+    settings = _settings(args.quick, args.threads, clips, tuple(args.modes))
+    world = settings.world
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / "feature_cache"
     backbone, backbone_name = _backbone()
@@ -369,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.audit_trials:
         result["audit"] = _audits(backbone, classnames, clients[0], args.audit_trials)
     if not args.skip_memory:
-        result["memory"] = _memory(settings, backbone, classnames, clients[0])
+        result["memory"] = _memory(settings, args.out)
         logger.info("memory (MiB): %s", result["memory"])
     (args.out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     if not args.skip_utility:
