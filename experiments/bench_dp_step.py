@@ -300,18 +300,20 @@ def _markdown(result: dict[str, Any]) -> str:
     lines = [f"Backbone: {result['backbone']}; torch threads: {result['settings']['threads']}; {result['machine']}"]
     t: dict[str, Any] = result.get("timing") or {}
     memory = result.get("memory", {})
-    if t:
+    if t or memory:
         lines += [
             "",
             "| variant | median step (s) | / nondp | / nondp-fixed | peak RSS growth (MiB) |",
             "|---|---|---|---|---|",
         ]
-    for v in VARIANTS if t else ():
+    for v in VARIANTS if (t or memory) else ():
         mem = memory.get(v)
-        lines.append(
-            f"| {v} | {t['median_seconds'][v]:.3f} | {t['ratio_vs_nondp'][v]:.2f} | {t['ratio_vs_nondp_fixed'][v]:.2f} "
-            f"| {'' if mem is None else f'{mem:.0f}'} |"
+        timing = (
+            f"{t['median_seconds'][v]:.3f} | {t['ratio_vs_nondp'][v]:.2f} | {t['ratio_vs_nondp_fixed'][v]:.2f}"
+            if t
+            else " | | "
         )
+        lines.append(f"| {v} | {timing} | {'' if mem is None else f'{mem:.0f}'} |")
     for key, mem in memory.items():
         if key.startswith("dp-exact (chunk"):
             lines.append(f"| {key} | | | | {mem:.0f} |")
@@ -364,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("experiments/out/bench_dp_step"))
     parser.add_argument("--skip-utility", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 3 quick, 7)")
     parser.add_argument("--memory-child", nargs=2, metavar=("VARIANT", "CHUNK"), help=argparse.SUPPRESS)
     parser.add_argument("--audit-trials", type=int, default=2000, help="canary-audit trials per arm (0: skip)")
     parser.add_argument("--skip-memory", action="store_true")
@@ -378,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         _memory_child(args.memory_child[0], int(args.memory_child[1]), args.quick, args.threads, args.out)
         return 0
     settings = _settings(args.quick, args.threads, clips, tuple(args.modes))
+    if args.repeats is not None:
+        settings = replace(settings, timing_repeats=args.repeats)
     world = settings.world
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / "feature_cache"
