@@ -20,7 +20,7 @@ from fedmpt.methods import build_method
 from fedmpt.methods.base import Method
 from fedmpt.model.asymmetric_loss import asymmetric_loss
 from fedmpt.training import FeatureData, TrainConfig
-from privacy.accounting import DpSgdEvent, PrivacyAccountant
+from privacy.accounting import DpSgdEvent, PrivacyAccountant, epsilon_pld
 from privacy.dpsgd import (
     DPConfig,
     DPMode,
@@ -342,3 +342,10 @@ def test_dp_client_update_checks_the_method_in_training_mode(backbone: Backbone)
         dp_client_update(
             method, method.trainable_state(), _data(10), TrainConfig(batch_size=2), DPConfig(noise_multiplier=1.0)
         )
+
+
+def test_prv_reporting_calibrates_against_pld() -> None:
+    config = DPConfig(target_epsilon=2.0, delta=1e-5, rounds=5, accountant="prv")
+    event = plan_release(400, TRAIN, config).event
+    whole_run = DpSgdEvent(event.noise_multiplier, event.sample_rate, 5 * event.steps)
+    assert 1.98 <= epsilon_pld([whole_run], 1e-5) <= 2.0
