@@ -130,7 +130,8 @@ def check_dp_compatible(method: Method, *, probe_rows: int = 2) -> None:
     no module of the method is a batch-coupled layer (BatchNorm, InstanceNorm) or a dropout layer in train
     mode; every trainable parameter belongs to a known module type (prompt bank, adapters, transport, gate,
     ``nn.Linear``, or the method itself); every transport runs Sinkhorn with fixed iterations. Numerical
-    checks, one text-encoder pass: ``T = text_features()`` depends on no non-prompt parameter, and the logits
+    checks at the current parameters (a dependence whose gradient happens to vanish there is not seen), one
+    text-encoder pass: ``T = text_features()`` depends on no non-prompt parameter, and the logits
     depend on prompt parameters only through ``T``; and a probe on ``probe_rows`` random rows: the logits of
     the batch equal the per-row logits computed under ``vmap`` (no sample coupling, and ``vmap``-able).
     """
