@@ -16,8 +16,8 @@ What is timed (wall clock, ``time.perf_counter``; "client" is the mean over clie
 * none: client = float32 serialization of (weight, update); server = parse + weighted mean ("bare
   aggregation"). Its Flower-serialized variant (the update in an ``ArrayRecord`` copied through Flower's
   protobuf message serialization) gives the ``*_serde_s`` of the plaintext round.
-* masking (ours, complete graph, t = floor(n/2)+1) and secagg+ (ours, k = 2*ceil(log2 n) neighbours, rounded
-  up to even, for n >= 20 where k < n-1; t = k/2+1): client = the four client stages; server = the four server
+* masking (ours, complete graph, t = floor(n/2)+1) and secagg+ (ours, k = max(4, 2*ceil(log2 n)) neighbours,
+  only where k < n-1, i.e. n >= 10; t = k/2+1): client = the four client stages; server = the four server
   stages.
 * ckks (N=8192, chain (60,60), symmetric, float encoding): client = encrypt + decrypt of the aggregate;
   server = aggregate. To spare the shared CPU, at most 3 clients really encrypt; the other uploads are copies
