@@ -1,4 +1,8 @@
-"""Per-sample gradients of every trainable parameter vs independent torch.func / autograd ground truth."""
+"""Per-sample gradients of every trainable parameter vs independent torch.func / autograd ground truth.
+
+Tolerance: atol 1e-5 at gradient magnitudes ~1. The implementation runs the text encoder's attention with the
+math kernel and the ground truth with the fused one; their float32 rounding differs by ~2e-6.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
@@ -85,7 +91,7 @@ def test_exact_per_sample_gradients_of_every_parameter_match_vmap_grad(backbone:
     for n, value in ours.items():
         assert value.shape == (4, *method.trainable_parameters()[n].shape), n
         assert float(truth[n].abs().max()) > 0, f"{n}: ground truth is zero, the test would be vacuous"
-        torch.testing.assert_close(value, truth[n], rtol=1e-4, atol=1e-6, msg=n)
+        torch.testing.assert_close(value, truth[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
 @pytest.mark.parametrize("name", ["fedmpt", "dualcoop"])
@@ -193,3 +199,22 @@ def test_check_catches_a_batch_coupled_forward(backbone: Backbone) -> None:
     method.logits = coupled  # type: ignore[method-assign,assignment]
     with pytest.raises(DPIncompatibleError, match="depend on the other samples"):
         check_dp_compatible(method)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    batch=st.integers(1, 5),
+    patches=st.integers(1, 6),
+    name=st.sampled_from(["fedmpt", "fedmpt-adapters", "promptfl"]),
+    seed=st.integers(0, 1000),
+)
+def test_per_sample_gradient_shapes_and_values_for_fuzzed_batches(
+    backbone: Backbone, batch: int, patches: int, name: str, seed: int
+) -> None:
+    method = _perturbed(backbone, name)
+    gf, pf, labels = _batch(b=batch, m=patches, seed=seed)
+    truth = _ground_truth(method, gf, pf, labels)
+    grads = per_sample_gradients(method, gf, pf, labels, TRAIN)
+    for n, value in {**grads.prompt_gradients(chunk_size=2), **grads.other}.items():
+        assert value.shape == (batch, *method.trainable_parameters()[n].shape)
+        torch.testing.assert_close(value, truth[n], rtol=1e-4, atol=1e-5, msg=n)
