@@ -75,9 +75,9 @@ def train_image_tower(model: torch.nn.Module, args: argparse.Namespace, log: lis
         for group in opt.param_groups:
             group["lr"] = _lr(step, args.stage1_steps, args.lr1, 50)
         data = _batch(args.seed, 1, step, args.batch)
-        images = data.to_tensor(data.images())
-        labels = torch.from_numpy(data.labels.astype(np.float32))
         cover = torch.from_numpy(np.stack([data.patch_coverage(i) for i in range(len(data))]))  # (B, K, G, G)
+        images = data.to_tensor(data.images())  # rendered by patch_coverage already
+        labels = torch.from_numpy(data.labels.astype(np.float32))
         x = visual._embeds(images)
         x = visual.transformer(x)
         pooled, tokens = visual._pool(x)
@@ -98,8 +98,8 @@ def train_image_tower(model: torch.nn.Module, args: argparse.Namespace, log: lis
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 50 == 0 or step == args.stage1_steps - 1:
-            log.append({"stage": 1, "step": step, "loss": float(loss)})
-            print(f"stage 1 step {step:4d} loss {float(loss):.4f}", flush=True)
+            log.append({"stage": 1, "step": step, "loss": float(loss.detach())})
+            print(f"stage 1 step {step:4d} loss {float(loss.detach()):.4f}", flush=True)
     visual.eval()
 
 
@@ -191,8 +191,8 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--stage1-steps", type=int, default=600)
-    parser.add_argument("--stage2-steps", type=int, default=300)
+    parser.add_argument("--stage1-steps", type=int, default=400)
+    parser.add_argument("--stage2-steps", type=int, default=200)
     parser.add_argument("--lr1", type=float, default=1e-3)
     parser.add_argument("--lr2", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)

@@ -15,15 +15,15 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, MetricRecordV
 from flwr.clientapp import ClientApp
 
 from fedmpt.apps import task
-from fedmpt.apps.config import read_app_config, read_node_config
+from fedmpt.apps.config import AppConfig, read_app_config, read_node_config
 from fedmpt.apps.messages import Key, RecordName, from_array_record, to_array_record
 
 
-def _client_data(context: Context, overrides: Mapping[str, Any]) -> tuple[task.TaskConfig, int, task.ClientData]:
+def _client_data(context: Context, overrides: Mapping[str, Any]) -> tuple[AppConfig, int, task.ClientData]:
     config = read_app_config({**context.run_config, **overrides})
     node = read_node_config(context.node_config)
     data = task.load_client_data(config.task, node.partition_id, node.num_partitions, config.federation.seed)
-    return config.task, node.partition_id, data
+    return config, node.partition_id, data
 
 
 def query(msg: Message, context: Context) -> Message:
@@ -35,9 +35,17 @@ def query(msg: Message, context: Context) -> Message:
 
 def train(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Message:
     """Local training from the received global state; reply with the local state and the example count."""
-    task_config, partition_id, data = _client_data(context, overrides)
+    config, partition_id, data = _client_data(context, overrides)
     global_arrays = from_array_record(msg.content.array_records[RecordName.ARRAYS])
-    local_arrays, num_examples, train_metrics = task.client_update(global_arrays, data, task_config)
+    server_round = int(msg.content.config_records[RecordName.CONFIG][Key.SERVER_ROUND])  # type: ignore[arg-type]
+    run_seed = config.federation.seed
+    local_arrays, num_examples, train_metrics = task.client_update(
+        global_arrays,
+        data,
+        config.task,
+        seed=task.client_seed(run_seed, server_round, partition_id),
+        run_seed=run_seed,
+    )
     metrics = MetricRecord({**train_metrics, Key.NUM_EXAMPLES: num_examples, Key.PARTITION_ID: partition_id})
     content = RecordDict({RecordName.ARRAYS: to_array_record(local_arrays), RecordName.METRICS: metrics})
     return Message(content, reply_to=msg)
@@ -45,9 +53,11 @@ def train(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Messa
 
 def evaluate(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Message:
     """Evaluate the received global state on this client's own test split."""
-    _, partition_id, data = _client_data(context, overrides)
+    config, partition_id, data = _client_data(context, overrides)
     global_arrays = from_array_record(msg.content.array_records[RecordName.ARRAYS])
-    metrics: dict[str, MetricRecordValues] = {**task.evaluate(global_arrays, data.test)}
+    metrics: dict[str, MetricRecordValues] = {
+        **task.evaluate(global_arrays, data.test, config.task, run_seed=config.federation.seed)
+    }
     metrics[Key.PARTITION_ID] = partition_id
     return Message(RecordDict({RecordName.METRICS: MetricRecord(metrics)}), reply_to=msg)
 

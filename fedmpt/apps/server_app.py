@@ -47,7 +47,7 @@ logger = logging.getLogger("flwr.fedmpt.server")
 
 _POLL_S = 0.5
 _EVALUATION_STREAM = 1
-_PROGRESS_KEYS = ("mAP", "CF1", "OF1")
+_PROGRESS_KEYS = ("mAP", "CF1", "OF1", "iid-mAP")
 
 
 class FederationError(FedMPTError):
@@ -284,7 +284,7 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
                 len(targets),
                 fed.min_clients,
             )
-        global_metrics = task.evaluate(arrays, global_test)
+        global_metrics = task.evaluate(arrays, global_test, config.task, run_seed=fed.seed)
         eval_chosen = _evaluation_sample(len(client_ids), fed.fraction_evaluate, server_round, fed.seed)
         eval_targets = {client_ids[i]: available[client_ids[i]] for i in eval_chosen}
         eval_replies, eval_failures, eval_bytes = _exchange(

@@ -1,73 +1,115 @@
-"""The ML behind the Flower apps, behind one small interface; for now a STAND-IN, to be replaced.
+"""The ML behind the Flower apps: fedmpt's model, data, training and aggregation behind one small interface.
 
-Everything the ServerApp and ClientApp need from the learning side goes through the functions below, so
-that the adapters stay thin and never change when the model does:
+Everything the ServerApp and ClientApp need from the learning side goes through the functions below, so that
+the adapters stay thin:
 
 * :class:`TaskConfig` / :data:`TASK_DEFAULTS` / :func:`task_config_from` - the task's run-config keys;
 * :func:`initial_arrays` - the trainable state at round 0 (server side);
-* :func:`load_client_data` - a client's own train/test split from its partition id (client side);
-* :func:`load_global_test` - the global test split (server side);
-* :func:`client_update` - local training from the global state (client side);
+* :func:`load_client_data` - a client's own train/test features from its partition id (client side);
+* :func:`load_global_test` - the global test splits (server side);
+* :func:`client_update` - local training from the global state (:func:`fedmpt.training.client_update`);
 * :func:`evaluate` - metrics of a state on a split (``mAP``, ``CF1``, ``OF1`` ...);
-* :func:`aggregate` - the server's aggregation of the client updates.
+* :func:`aggregate` - FedAvg of the client updates (:func:`fedmpt.training.fedavg`).
 
-STAND-IN: a multi-label logistic-regression model ``p(y_c = 1 | x) = sigmoid(x W[:, c] + b[c])`` on tiny
-synthetic data. Features ``x ~ N(mu_k, I)`` with a client-specific mean ``mu_k`` (a per-client shift, the
-stand-in's version of per-client spurious correlations); labels ``y_c = 1[x W*[:, c] + b*[c] + noise > 0]``
-from one ground-truth model shared by all clients. Local training is full-batch gradient descent on the
-binary cross-entropy; aggregation is the example-weighted mean (FedAvg). All randomness is drawn from
-``numpy.random.default_rng((seed, stream, ...))``, so a run is a pure function of its config and seed.
-The lead replaces this module with calls into ``fedmpt`` (model, data, training, aggregation).
+The expensive objects (the frozen backbone, the method module, the encoded features) are built once per process
+and kept (``functools.lru_cache`` keyed by the frozen config), because Flower rebuilds the apps for every
+message; encoded features are also cached on disk (:mod:`fedmpt.feature_cache`).
+
+Data: the synthetic federated benchmark (:mod:`fedmpt.world`), client k = partition k, with ``num-clients``
+partitions; the server evaluates on the decorrelated global test split (reported as ``mAP``, ``CF1``, ``OF1``)
+and on the in-distribution one (``iid-mAP`` ...).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from enum import IntEnum
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
+from fedmpt.backbone.loader import TINY_CLIP, Backbone, load_backbone
+from fedmpt.conditions import load_conditions
 from fedmpt.errors import ConfigError
-from fedmpt.metrics import multilabel_metrics
+from fedmpt.feature_cache import FeatureCache
+from fedmpt.federated import world_dataset_features
+from fedmpt.methods import METHODS, Method, build_method
+from fedmpt.training import ClientUpdate, FeatureData, TrainConfig, fedavg
+from fedmpt.training import client_update as library_client_update
+from fedmpt.training import evaluate as library_evaluate
+from fedmpt.world.dataset import FederatedWorld, FederatedWorldConfig, make_federated_world
 
 logger = logging.getLogger(__name__)
 
 Arrays = dict[str, NDArray[np.float32]]
 
-
-class _Stream(IntEnum):
-    """Independent random streams of the stand-in task."""
-
-    TRUTH = 0
-    CLIENT_DATA = 1
-    GLOBAL_TEST = 2
-    INIT = 3
+# The cached method module holds the parameters being trained; handlers that run in threads of one process (an
+# in-process grid) must not interleave on it.
+_METHOD_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """Run-config keys of the task (stand-in: logistic regression on synthetic multi-label data)."""
+    """Run-config keys of the task (kebab-case in the run config: ``learning-rate``, ``num-clients`` ...)."""
 
-    local_epochs: int = 5
-    learning_rate: float = 0.5
-    num_classes: int = 5
-    num_features: int = 16
-    samples_per_client: int = 64
-    test_samples: int = 256
-    client_shift: float = 1.0
+    method: str = "fedmpt"
+    dataset: str = "synthetic"
+    backbone: str = TINY_CLIP
+    backbone_checkpoint: str = ""
+    conditions: str = ""
+    num_clients: int = 5
+    learning_rate: float = 0.01
+    local_epochs: int = 1
+    batch_size: int = 32
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    train_per_client: int = 400
+    test_per_client: int = 200
+    global_test_size: int = 1000
+    spurious_strength: float = 0.9
+    context_strength: float = 0.75
+    background_concentration: float = 0.5
+    cache_dir: str = ""
 
     def __post_init__(self) -> None:
-        _check_int("local-epochs", self.local_epochs, 1)
+        import fedmpt.methods  # noqa: F401 - registers the built-in methods
+
+        if self.method not in METHODS:
+            raise ConfigError(f"run config 'method' must be one of {sorted(METHODS)}, got {self.method!r}")
+        if self.dataset != "synthetic":
+            raise ConfigError(
+                f"run config 'dataset': the Flower app runs the synthetic benchmark ('synthetic'); got "
+                f"{self.dataset!r} (real datasets are loaded with fedmpt.data.load_dataset in the library)"
+            )
+        for key in ("num_clients", "local_epochs", "batch_size", "train_per_client", "test_per_client"):
+            _check_int(_key(key), getattr(self, key), 1)
+        _check_int("global-test-size", self.global_test_size, 1)
         _check_float("learning-rate", self.learning_rate, 0.0, strict_low=True)
-        _check_int("num-classes", self.num_classes, 2)
-        _check_int("num-features", self.num_features, 1)
-        _check_int("samples-per-client", self.samples_per_client, 4)
-        _check_int("test-samples", self.test_samples, 4)
-        _check_float("client-shift", self.client_shift, 0.0, strict_low=False)
+        _check_float("momentum", self.momentum, 0.0, strict_low=False, high=1.0)
+        _check_float("weight-decay", self.weight_decay, 0.0, strict_low=False)
+        _check_float("spurious-strength", self.spurious_strength, 0.0, strict_low=False, high=1.0, high_ok=True)
+        _check_float("context-strength", self.context_strength, 0.0, strict_low=False, high=1.0, high_ok=True)
+        _check_float("background-concentration", self.background_concentration, 0.0, strict_low=True)
+
+    def world_config(self, seed: int) -> FederatedWorldConfig:
+        """The synthetic benchmark this task runs on."""
+        return FederatedWorldConfig(
+            num_clients=self.num_clients,
+            train_per_client=self.train_per_client,
+            test_per_client=self.test_per_client,
+            global_test_size=self.global_test_size,
+            spurious_strength=self.spurious_strength,
+            context_strength=self.context_strength,
+            background_concentration=self.background_concentration,
+            seed=seed,
+        )
 
 
 def _check_int(key: str, value: object, low: int) -> None:
@@ -75,12 +117,19 @@ def _check_int(key: str, value: object, low: int) -> None:
         raise ConfigError(f"run config {key!r} must be an integer >= {low}, got {value!r}")
 
 
-def _check_float(key: str, value: object, low: float, *, strict_low: bool) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+def _check_float(
+    key: str, value: object, low: float, *, strict_low: bool, high: float | None = None, high_ok: bool = False
+) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and bool(np.isfinite(value))
     if ok:
-        ok = value > low if strict_low else value >= low  # type: ignore[operator]
+        v = float(value)  # type: ignore[arg-type]
+        ok = v > low if strict_low else v >= low
+        if ok and high is not None:
+            ok = v <= high if high_ok else v < high
     if not ok:
         bound = f"> {low}" if strict_low else f">= {low}"
+        if high is not None:
+            bound += f" and {'<=' if high_ok else '<'} {high}"
         raise ConfigError(f"run config {key!r} must be a finite number {bound}, got {value!r}")
 
 
@@ -94,133 +143,177 @@ TASK_DEFAULTS: dict[str, Any] = {_key(f.name): f.default for f in fields(TaskCon
 def task_config_from(values: Mapping[str, Any]) -> TaskConfig:
     """Build the :class:`TaskConfig` from the task's run-config keys (``values`` holds exactly those)."""
     kwargs = {f.name: values.get(_key(f.name), f.default) for f in fields(TaskConfig)}
-    # TOML writes 1 for a float key; accept ints where a float is expected.
-    for f in fields(TaskConfig):
+    for f in fields(TaskConfig):  # TOML writes 1 for a float key; accept ints where a float is expected
         if f.type == "float" and isinstance(kwargs[f.name], int) and not isinstance(kwargs[f.name], bool):
             kwargs[f.name] = float(kwargs[f.name])
     return TaskConfig(**kwargs)
 
 
 @dataclass(frozen=True)
-class Split:
-    """Features ``x`` (n, d) and labels ``y`` (n, C) in {0, 1}."""
+class ClientData:
+    """One client's local data: frozen features of its train split and of its own test split."""
 
-    x: NDArray[np.float64]
-    y: NDArray[np.int8]
-
-    @property
-    def num_examples(self) -> int:
-        return int(self.x.shape[0])
+    train: FeatureData
+    test: FeatureData
 
 
 @dataclass(frozen=True)
-class ClientData:
-    """One client's local data: its train split and its own test split."""
+class GlobalTest:
+    """The server's global test splits: decorrelated (the primary metrics) and in-distribution."""
 
-    train: Split
-    test: Split
-
-
-def _truth(config: TaskConfig, seed: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    rng = np.random.default_rng((seed, _Stream.TRUTH))
-    w = rng.standard_normal((config.num_features, config.num_classes))  # (d, C)
-    b = rng.standard_normal(config.num_classes) * 0.5  # (C,)
-    return w, b
+    decorrelated: FeatureData
+    in_distribution: FeatureData
 
 
-def _sample(config: TaskConfig, seed: int, n: int, shift: NDArray[np.float64], rng: np.random.Generator) -> Split:
-    w, b = _truth(config, seed)
-    x = rng.standard_normal((n, config.num_features)) + shift  # (n, d)
-    logits = x @ w + b + 0.5 * rng.standard_normal((n, config.num_classes))  # (n, C)
-    return Split(x=x, y=(logits > 0).astype(np.int8))
+@functools.lru_cache(maxsize=2)
+def _backbone(name: str, checkpoint: str) -> Backbone:
+    if name == TINY_CLIP:
+        return load_backbone(name, checkpoint=checkpoint or None)
+    if not checkpoint:
+        raise ConfigError(f"run config 'backbone-checkpoint' is required for backbone {name!r} (no downloads)")
+    return load_backbone(name, checkpoint=checkpoint)
+
+
+@functools.lru_cache(maxsize=4)
+def _method_and_initial_state(config: TaskConfig, seed: int) -> tuple[Method, Arrays]:
+    backbone = _backbone(config.backbone, config.backbone_checkpoint)
+    world = _world(config, seed)
+    conditions = load_conditions(config.conditions or config.dataset, world.classnames).conditions
+    method = build_method(config.method, backbone, world.classnames, conditions, init_seed=seed)
+    # The cached module is trained in place by every update; its seeded initial state is kept apart.
+    return method, to_arrays(method.trainable_state())
+
+
+def _method(config: TaskConfig, seed: int) -> Method:
+    return _method_and_initial_state(config, seed)[0]
+
+
+@functools.lru_cache(maxsize=4)
+def _world(config: TaskConfig, seed: int) -> FederatedWorld:
+    return make_federated_world(config.world_config(seed))
+
+
+def _cache(config: TaskConfig) -> FeatureCache:
+    root = config.cache_dir or os.environ.get("FEDMPT_CACHE") or str(Path.home() / ".cache" / "fedmpt")
+    return FeatureCache(Path(root) / "features")
+
+
+def to_state(arrays: Mapping[str, NDArray[Any]]) -> dict[str, torch.Tensor]:
+    """Numpy arrays -> torch tensors (fp32)."""
+    return {name: torch.from_numpy(np.asarray(a, dtype=np.float32).copy()) for name, a in arrays.items()}
+
+
+def to_arrays(state: Mapping[str, torch.Tensor]) -> Arrays:
+    """Torch tensors -> fp32 numpy arrays."""
+    return {name: t.detach().cpu().to(torch.float32).numpy() for name, t in state.items()}
 
 
 def initial_arrays(config: TaskConfig, seed: int) -> Arrays:
-    """The trainable state before round 1: small random weights ``W`` (d, C) and zero bias ``b`` (C,)."""
-    rng = np.random.default_rng((seed, _Stream.INIT))
-    return {
-        "W": (0.01 * rng.standard_normal((config.num_features, config.num_classes))).astype(np.float32),
-        "b": np.zeros(config.num_classes, dtype=np.float32),
-    }
+    """The method's trainable state before round 1 (its seeded initialisation)."""
+    return {name: a.copy() for name, a in _method_and_initial_state(config, seed)[1].items()}
 
 
 def load_client_data(config: TaskConfig, partition_id: int, num_partitions: int, seed: int) -> ClientData:
-    """Client ``partition_id``'s train and test splits (its features shifted by its own mean ``mu_k``)."""
+    """Client ``partition_id``'s train and test features; ``num_partitions`` must equal ``num-clients``."""
+    if num_partitions != config.num_clients:
+        raise ConfigError(
+            f"node config num-partitions={num_partitions} differs from run config num-clients={config.num_clients}"
+        )
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition-id must be in [0, num-partitions={num_partitions}), got {partition_id}")
-    rng = np.random.default_rng((seed, _Stream.CLIENT_DATA, partition_id))
-    shift = config.client_shift * rng.standard_normal(config.num_features)  # (d,)
-    n_test = max(4, config.samples_per_client // 4)
+    return _client_data(config, partition_id, seed)
+
+
+@functools.lru_cache(maxsize=64)
+def _client_data(config: TaskConfig, partition_id: int, seed: int) -> ClientData:
+    backbone = _backbone(config.backbone, config.backbone_checkpoint)
+    client = _world(config, seed).clients[partition_id]
+    cache = _cache(config)
     return ClientData(
-        train=_sample(config, seed, config.samples_per_client, shift, rng),
-        test=_sample(config, seed, n_test, shift, rng),
+        train=world_dataset_features(backbone, client.train, cache),
+        test=world_dataset_features(backbone, client.test, cache),
     )
 
 
-def load_global_test(config: TaskConfig, seed: int) -> Split:
-    """The global test split (unshifted features), evaluated by the server after every round."""
-    rng = np.random.default_rng((seed, _Stream.GLOBAL_TEST))
-    return _sample(config, seed, config.test_samples, np.zeros(config.num_features), rng)
+def load_global_test(config: TaskConfig, seed: int) -> GlobalTest:
+    """The global decorrelated and in-distribution test features."""
+    backbone = _backbone(config.backbone, config.backbone_checkpoint)
+    world, cache = _world(config, seed), _cache(config)
+    return GlobalTest(
+        decorrelated=world_dataset_features(backbone, world.test_decorrelated, cache),
+        in_distribution=world_dataset_features(backbone, world.test_in_distribution, cache),
+    )
 
 
-def _probabilities(arrays: Mapping[str, NDArray[Any]], x: NDArray[np.float64]) -> NDArray[np.float64]:
-    logits = x @ arrays["W"].astype(np.float64) + arrays["b"].astype(np.float64)  # (n, C)
-    return 1.0 / (1.0 + np.exp(-logits))
+def train_config(config: TaskConfig, seed: int) -> TrainConfig:
+    """The library's :class:`TrainConfig` for one local update."""
+    return TrainConfig(
+        lr=config.learning_rate,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        local_epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        seed=seed,
+    )
+
+
+def client_seed(run_seed: int, server_round: int, partition_id: int) -> int:
+    """The seed of one client's local update (shuffling): a function of (run seed, round, partition) only, so a
+    resumed run draws the same batches as an uninterrupted one and results do not depend on node ids."""
+    return int(np.random.SeedSequence([run_seed, server_round, partition_id]).generate_state(1)[0])
 
 
 def client_update(
-    arrays: Mapping[str, NDArray[Any]], data: ClientData, config: TaskConfig
+    arrays: Mapping[str, NDArray[Any]], data: ClientData, config: TaskConfig, *, seed: int, run_seed: int = 0
 ) -> tuple[Arrays, int, dict[str, float]]:
-    """``local_epochs`` full-batch gradient steps on the mean BCE from ``arrays``.
+    """Local training from ``arrays``; returns (new arrays, number of training examples, training metrics)."""
+    with _METHOD_LOCK:
+        method = _method(config, run_seed)
+        update = library_client_update(method, to_state(arrays), data.train, train_config(config, seed))
+    return to_arrays(update.state), update.num_examples, {"train_loss": update.metrics["loss"]}
 
-    Gradient of the mean BCE: dW = x^T (p - y) / n, db = mean(p - y). Returns (new arrays, number of training
-    examples, training metrics ``{"train_loss": ...}``).
+
+def evaluate(
+    arrays: Mapping[str, NDArray[Any]], split: FeatureData | GlobalTest, config: TaskConfig, *, run_seed: int = 0
+) -> dict[str, float]:
+    """mAP, CF1, OF1 (threshold 0.5) and the example count of ``arrays`` on ``split``.
+
+    For the :class:`GlobalTest`, the plain keys are the decorrelated split's and ``iid-*`` the in-distribution's.
     """
-    w = arrays["W"].astype(np.float64)
-    b = arrays["b"].astype(np.float64)
-    x, y = data.train.x, data.train.y.astype(np.float64)
-    n = x.shape[0]
-    for _ in range(config.local_epochs):
-        p = _probabilities({"W": w, "b": b}, x)
-        w -= config.learning_rate * (x.T @ (p - y)) / n
-        b -= config.learning_rate * np.mean(p - y, axis=0)
-    p = np.clip(_probabilities({"W": w, "b": b}, x), 1e-12, 1 - 1e-12)
-    loss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-    return {"W": w.astype(np.float32), "b": b.astype(np.float32)}, n, {"train_loss": loss}
-
-
-def evaluate(arrays: Mapping[str, NDArray[Any]], split: Split) -> dict[str, float]:
-    """The paper's metrics of ``arrays`` on ``split``: mAP, CF1, OF1 (threshold 0.5) and the example count."""
-    metrics = multilabel_metrics(_probabilities(arrays, split.x), split.y)
-    return {
-        "mAP": metrics.mAP,
-        "CF1": metrics.CF1,
-        "OF1": metrics.OF1,
-        "num_examples": float(split.num_examples),
-    }
+    state = to_state(arrays)
+    if isinstance(split, GlobalTest):
+        with _METHOD_LOCK:
+            method = _method(config, run_seed)
+            dec = library_evaluate(method, state, split.decorrelated)
+            iid = library_evaluate(method, state, split.in_distribution)
+        return {
+            "mAP": dec.mAP,
+            "CF1": dec.CF1,
+            "OF1": dec.OF1,
+            "iid-mAP": iid.mAP,
+            "iid-CF1": iid.CF1,
+            "iid-OF1": iid.OF1,
+            "num_examples": float(len(split.decorrelated)),
+        }
+    with _METHOD_LOCK:
+        m = library_evaluate(_method(config, run_seed), state, split)
+    return {"mAP": m.mAP, "CF1": m.CF1, "OF1": m.OF1, "num_examples": float(len(split))}
 
 
 def aggregate(updates: Sequence[tuple[Mapping[str, NDArray[Any]], int]]) -> Arrays:
-    """Example-weighted mean of the client states (FedAvg): sum_k n_k theta_k / sum_k n_k, per array.
+    """FedAvg: the example-weighted mean of the client states (:func:`fedmpt.training.fedavg`).
 
     Raises:
         ConfigError: no updates, non-positive weights, or updates with different array names or shapes.
     """
     if not updates:
         raise ConfigError("aggregate needs at least one client update, got none")
-    names = set(updates[0][0])
-    total = 0
     for arrays, weight in updates:
-        if set(arrays) != names:
-            raise ConfigError(f"client updates hold different arrays: {sorted(arrays)} vs {sorted(names)}")
         if weight <= 0:
             raise ConfigError(f"client update weights must be positive, got {weight}")
-        total += weight
-    out: Arrays = {}
-    for name in sorted(names):
-        shapes = {arrays[name].shape for arrays, _ in updates}
-        if len(shapes) != 1:
-            raise ConfigError(f"client updates disagree on the shape of {name!r}: {sorted(shapes)}")
-        acc = sum(arrays[name].astype(np.float64) * weight for arrays, weight in updates)
-        out[name] = (np.asarray(acc) / total).astype(np.float32)
-    return out
+        for name, a in arrays.items():
+            ref = updates[0][0].get(name)
+            if ref is not None and np.shape(a) != np.shape(ref):
+                raise ConfigError(f"client updates disagree on the shape of {name!r}: {np.shape(a)} vs {np.shape(ref)}")
+    state = fedavg([ClientUpdate(to_state(arrays), int(weight)) for arrays, weight in updates])
+    return to_arrays(state)

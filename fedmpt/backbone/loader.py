@@ -172,7 +172,7 @@ def _weights_candidates() -> list[Path]:
 
 def bundled_weights_path() -> Path:
     """Path of the bundled tiny-CLIP weights; raises :class:`BackboneUnavailableError` if none is found."""
-    candidates = _weights_candidates()
+    candidates = list(dict.fromkeys(_weights_candidates()))
     for path in candidates:
         if path.is_file():
             return path

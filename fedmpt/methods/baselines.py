@@ -57,7 +57,7 @@ class PromptFL(Method):
         prompts, groups = context_prompts(self.classnames, config.n_context)
         self.prompts = PromptBank(backbone, prompts, groups, generator=generator)
         self.logit_scale = config.logit_scale
-        self.logit_bias = nn.Parameter(torch.tensor(float(config.logit_bias_init)))
+        self.logit_bias = nn.Parameter(torch.full((1,), float(config.logit_bias_init)))
 
     def text_features(self) -> Tensor:
         out: Tensor = self.prompts()

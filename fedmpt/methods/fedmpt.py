@@ -102,7 +102,7 @@ class FedMPT(Method):
                 logit_bias_init=config.logit_bias_init,
             )
         else:
-            self.logit_bias = nn.Parameter(torch.tensor(float(config.logit_bias_init)))
+            self.logit_bias = nn.Parameter(torch.full((1,), float(config.logit_bias_init)))
         if use_gate:
             self.gate = ConditionGate(dim, n, rank=config.gate_rank, generator=generator)
 

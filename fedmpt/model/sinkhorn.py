@@ -323,7 +323,8 @@ class ConditionTransport(nn.Module):
         self.row_temperature = float(row_temperature)
         self.differentiable_plan = differentiable_plan
         self.logit_scale = float(logit_scale)
-        self.logit_bias = nn.Parameter(torch.tensor(float(logit_bias_init)))
+        # shape (1,), not 0-d: Flower array records do not round-trip 0-d arrays
+        self.logit_bias = nn.Parameter(torch.full((1,), float(logit_bias_init)))
 
     def extra_repr(self) -> str:
         return (

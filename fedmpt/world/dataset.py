@@ -96,8 +96,13 @@ class WorldDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return self._images
 
     def patch_coverage(self, index: int) -> np.ndarray:
-        """(C, G, G) fraction of each patch covered by each class of ``classnames`` (G = S / patch)."""
+        """(C, G, G) fraction of each patch covered by each class of ``classnames`` (G = S / patch).
+
+        Renders the scene again (the image is kept too), so asking for both costs one render.
+        """
         rendered = render_scene(self.scenes[index], self._rng(index, 1), self.image_size, self.patch_size)
+        self._images[index] = rendered.image
+        self._rendered[index] = True
         grid = self.image_size // self.patch_size
         out = np.zeros((len(self.classnames), grid, grid), dtype=np.float32)
         for cls, cov in rendered.patch_coverage.items():

@@ -28,7 +28,9 @@ TASK_CLASSES: tuple[str, ...] = (
 PRETRAIN_ONLY_CLASSES: tuple[str, ...] = ("circle", "ring", "diamond", "flag")
 ALL_CLASSES: tuple[str, ...] = TASK_CLASSES + PRETRAIN_ONLY_CLASSES
 
-# Object colours: an attribute of the broader world that captions mention; not a label of the task.
+# Object colours: an attribute of the world that captions mention. Every class has a canonical colour (its
+# index in this table), which its objects wear with probability ``colour_binding`` (as real objects have typical
+# colours); the task's labels are the classes, never the colours.
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.86, 0.12, 0.12),
     "green": (0.1, 0.7, 0.2),
@@ -38,6 +40,14 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "orange": (0.98, 0.55, 0.05),
     "white": (0.97, 0.97, 0.97),
     "black": (0.05, 0.05, 0.05),
+    "pink": (0.98, 0.55, 0.75),
+    "brown": (0.5, 0.3, 0.1),
+    "cyan": (0.1, 0.85, 0.9),
+    "grey": (0.55, 0.55, 0.55),
+    "lime": (0.65, 0.95, 0.2),
+    "navy": (0.05, 0.08, 0.45),
+    "teal": (0.0, 0.5, 0.5),
+    "maroon": (0.5, 0.0, 0.15),
 }
 
 
@@ -125,3 +135,6 @@ BACKGROUND_GROUPS: dict[str, tuple[str, ...]] = {
     "dotted": ("crescent", "hexagon", "hourglass"),
     "noisy": ("house", "tree", "mushroom"),
 }
+
+# The canonical colour of every class (same order as ALL_CLASSES).
+CLASS_COLOURS: dict[str, str] = dict(zip(ALL_CLASSES, COLOURS, strict=True))

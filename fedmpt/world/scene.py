@@ -25,6 +25,7 @@ from fedmpt.world.factors import (
     ALL_CLASSES,
     BACKGROUND,
     BACKGROUND_GROUPS,
+    CLASS_COLOURS,
     COLOURS,
     CONDITION_FACTORS,
     TASK_CLASSES,
@@ -56,6 +57,7 @@ class SceneDistribution:
         spurious_strength: probability of adding B when A is present (and A when B is).
         broken_pairs: pairs that never co-occur (the decorrelated split).
         min_objects, max_objects: number of objects per scene, drawn uniformly.
+        colour_binding: probability that an object wears its class's canonical colour (else a random one).
     """
 
     classes: tuple[str, ...] = TASK_CLASSES
@@ -66,6 +68,7 @@ class SceneDistribution:
     broken_pairs: tuple[tuple[str, str], ...] = ()
     min_objects: int = 1
     max_objects: int = 4
+    colour_binding: float = 0.8
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -76,6 +79,8 @@ class SceneDistribution:
             raise ConfigError(f"classes must be distinct, got {self.classes}")
         if not 0.0 <= self.context_strength <= 1.0:
             raise ConfigError(f"context_strength must be in [0, 1], got {self.context_strength}")
+        if not 0.0 <= self.colour_binding <= 1.0:
+            raise ConfigError(f"colour_binding must be in [0, 1], got {self.colour_binding}")
         if not 0.0 <= self.spurious_strength <= 1.0:
             raise ConfigError(f"spurious_strength must be in [0, 1], got {self.spurious_strength}")
         if not 1 <= self.min_objects <= self.max_objects <= min(4, len(self.classes)):
@@ -108,7 +113,11 @@ class SceneDistribution:
                 chosen.append(candidate)
         chosen = self._apply_spurious(chosen, rng)
         chosen = self._break_pairs(chosen, rng)
-        colours = tuple(list(COLOURS)[int(i)] for i in rng.integers(len(COLOURS), size=len(chosen)))
+        names = list(COLOURS)
+        colours = tuple(
+            CLASS_COLOURS[c] if rng.random() < self.colour_binding else names[int(rng.integers(len(names)))]
+            for c in chosen
+        )
         return Scene(tuple(chosen), colours, tuple(conditions))
 
     def _apply_spurious(self, chosen: list[str], rng: np.random.Generator) -> list[str]:

@@ -11,15 +11,14 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-
-from fedmpt.apps import task
-from fedmpt.apps.config import read_app_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -41,14 +40,24 @@ def _flwr_apps_in_home() -> set[str]:
 
 
 @pytest.mark.timeout(600)
-def test_three_supernodes_one_killed_mid_run(tmp_path: Path) -> None:
+def test_three_supernodes_one_killed_mid_run(
+    tmp_path: Path, small_task: dict[str, Any], fedavg_oracle: Callable[..., dict[str, np.ndarray]]
+) -> None:
     if shutil.which("flower-superlink", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("flower-superlink is not installed next to this interpreter")
     deploy_local = _load_script("deploy_local")
     home_apps_before = _flwr_apps_in_home()
     runs = tmp_path / "runs"
-    overrides = {"num-server-rounds": 2, "min-clients": 2, "round-timeout-s": 60.0, "seed": 3}
-    run_config = " ".join(f"{k}={v}" for k, v in overrides.items()) + f' runs-dir="{runs}" run-name="dep"'
+    overrides = {
+        "num-server-rounds": 2,
+        "min-clients": 2,
+        "round-timeout-s": 60.0,
+        "seed": 3,
+        "num-clients": 3,
+        "method": "promptfl",
+        **small_task,
+    }
+    run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()) + f' runs-dir="{runs}" run-name="dep"'
     deployment = deploy_local.LocalDeployment(tmp_path / "deploy", num_supernodes=3, app_dir=REPO)
     assert deployment.logs == tmp_path.resolve() / "deploy" / "logs"
     output = ""
@@ -88,15 +97,7 @@ def test_three_supernodes_one_killed_mid_run(tmp_path: Path) -> None:
     assert first["status"] == second["status"] == "ok"
 
     # the surviving SuperNodes' updates, averaged: the FedAvg oracle over partitions 0 and 1 of 3
-    config = read_app_config(overrides)
-    arrays = task.initial_arrays(config.task, 3)
-    for _ in range(2):
-        updates = [task.client_update(arrays, task.load_client_data(config.task, k, 3, 3), config.task) for k in (0, 1)]
-        weights = np.array([n for _, n, _ in updates], dtype=np.float64)
-        arrays = {
-            name: np.average(np.stack([u[name].astype(np.float64) for u, _, _ in updates]), axis=0, weights=weights)
-            for name in arrays
-        }
+    arrays = fedavg_oracle(overrides, [0, 1], 3, rounds=2)
     final = load_file(str(runs / "dep" / "final.safetensors"))
     for name in arrays:
         np.testing.assert_allclose(final[name], arrays[name], rtol=1e-5, atol=1e-6)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,9 +19,19 @@ from fedmpt.errors import ConfigError
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_three_clients_two_rounds_through_flower(tmp_path: Path) -> None:
+def test_three_clients_two_rounds_through_flower(
+    tmp_path: Path, small_task: dict[str, Any], fedavg_oracle: Callable[..., dict[str, np.ndarray]]
+) -> None:
+    """FedMPT itself (the default method, bundled tiny CLIP) through Flower's simulation engine."""
     ray = pytest.importorskip("ray")
-    overrides = {"num-server-rounds": 2, "runs-dir": str(tmp_path), "run-name": "sim", "seed": 4}
+    overrides = {
+        "num-server-rounds": 2,
+        "runs-dir": str(tmp_path),
+        "run-name": "sim",
+        "seed": 4,
+        "num-clients": 3,
+        **small_task,
+    }
     path = run_local_simulation(overrides, num_supernodes=3)
     assert path == (tmp_path / "sim").resolve()
     assert not ray.is_initialized()  # the engine shut Ray down; nothing left running
@@ -33,20 +45,11 @@ def test_three_clients_two_rounds_through_flower(tmp_path: Path) -> None:
 
     # oracle: the same FedAvg computed without Flower
     config = read_app_config(overrides)
-    arrays = task.initial_arrays(config.task, 4)
-    for _ in range(2):
-        updates = [
-            task.client_update(arrays, task.load_client_data(config.task, k, 3, 4), config.task) for k in range(3)
-        ]
-        weights = np.array([n for _, n, _ in updates], dtype=np.float64)
-        arrays = {
-            name: np.average(np.stack([u[name].astype(np.float64) for u, _, _ in updates]), axis=0, weights=weights)
-            for name in arrays
-        }
+    arrays = fedavg_oracle(overrides, [0, 1, 2], 3, rounds=2)
     final = load_file(str(path / "final.safetensors"))
     for name in arrays:
         np.testing.assert_allclose(final[name], arrays[name], rtol=1e-5, atol=1e-6)
-    expected_map = task.evaluate(arrays, task.load_global_test(config.task, 4))["mAP"]
+    expected_map = task.evaluate(arrays, task.load_global_test(config.task, 4), config.task, run_seed=4)["mAP"]
     assert lines[-1]["global"]["mAP"] == pytest.approx(expected_map, abs=1e-6)
     environment = json.loads((path / "environment.json").read_text())
     assert environment["seed"] == 4 and environment["packages"]["flwr"] == "1.41.0"

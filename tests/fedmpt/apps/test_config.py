@@ -43,7 +43,7 @@ def test_empty_run_config_gives_defaults() -> None:
     config = read_app_config({})
     assert config.federation.num_server_rounds == 10
     assert config.federation.fraction_train == 1.0
-    assert config.task.local_epochs == 5
+    assert config.task.local_epochs == 1 and config.task.method == "fedmpt" and config.task.num_clients == 5
     assert dict(config.resolved) == DEFAULTS
     assert "run-name" not in config.identity() and "resume" not in config.identity()
 
@@ -74,8 +74,11 @@ def test_unknown_key_lists_known_keys() -> None:
         ("resume", "yes"),
         ("local-epochs", 0),
         ("learning-rate", 0.0),
-        ("num-classes", 1),
-        ("client-shift", -1.0),
+        ("num-clients", 0),
+        ("spurious-strength", 1.5),
+        ("momentum", 1.0),
+        ("method", "fedavg-magic"),
+        ("dataset", "imagenet"),
     ],
 )
 def test_out_of_range_value_named(key: str, value: object) -> None:
