@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fedmpt.apps.privacy_hooks import PRIVACY_DEFAULTS, PrivacyRunConfig, privacy_config_from
 from fedmpt.apps.task import TASK_DEFAULTS, TaskConfig, task_config_from
 from fedmpt.errors import ConfigError
 from fedmpt.rundir import check_run_name
@@ -77,6 +78,7 @@ class AppConfig:
     federation: FederationConfig
     task: TaskConfig
     resolved: Mapping[str, Any]  # the full flat run config with defaults filled in (written to config.json)
+    privacy: PrivacyRunConfig = PrivacyRunConfig()  # DP keys (fedmpt.apps.privacy_hooks)
 
     def identity(self) -> dict[str, Any]:
         """The resolved config minus keys that do not change the result (run name, directory, resume)."""
@@ -104,7 +106,7 @@ def _key(field_name: str) -> str:
 
 
 FEDERATION_DEFAULTS: dict[str, Any] = {_key(f.name): f.default for f in fields(FederationConfig)}
-DEFAULTS: dict[str, Any] = {**FEDERATION_DEFAULTS, **TASK_DEFAULTS}
+DEFAULTS: dict[str, Any] = {**FEDERATION_DEFAULTS, **TASK_DEFAULTS, **PRIVACY_DEFAULTS}
 KNOWN_KEYS: tuple[str, ...] = tuple(sorted(DEFAULTS))
 _BOOKKEEPING_KEYS = frozenset({"run-name", "runs-dir", "resume"})
 
@@ -143,7 +145,8 @@ def read_app_config(run_config: Mapping[str, Any]) -> AppConfig:
         federation_kwargs[f.name] = value
     federation = FederationConfig(**federation_kwargs)
     task = task_config_from({k: resolved[k] for k in TASK_DEFAULTS})
-    return AppConfig(federation=federation, task=task, resolved=resolved)
+    privacy = privacy_config_from({k: resolved[k] for k in PRIVACY_DEFAULTS})
+    return AppConfig(federation=federation, task=task, resolved=resolved, privacy=privacy)
 
 
 def read_node_config(node_config: Mapping[str, Any]) -> NodeConfig:

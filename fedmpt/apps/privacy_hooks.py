@@ -1,0 +1,531 @@
+"""Differential privacy inside the Flower federation: per-node accountant, signed ledger, budgets, epsilon per round.
+
+The apps stay thin: the ClientApp calls :func:`private_update` instead of the plain local update when ``dp`` is
+on, and the ServerApp wraps its ``Grid`` in :meth:`RunLedger.wrap` and writes :meth:`RunLedger.epsilon_record`
+into every round line. All privacy logic lives in :mod:`privacy` (``dpsgd``, ``accounting``, ``ledger``,
+``budget``); this module only moves its objects in and out of Flower records.
+
+Client side, one ``train`` message (record-level (epsilon, delta)-DP of the node's data, add/remove-one):
+
+1. the node's history is loaded from its on-disk ledger ``<ledger-dir>/node-<k>/epsilon_ledger.jsonl`` (signed
+   with the node's Ed25519 key ``node-<k>/identity.pem``, 0600, created on first use) and cross-checked against
+   the copy in ``context.state`` (Flower keeps ``context.state`` per node across the rounds of a run; the
+   ClientApp object itself is rebuilt for every message, so nothing may live in it). The ledger is
+   authoritative: on disagreement the state is rebuilt from it and a warning is logged. The history is never
+   reset per round;
+2. the round's release ``(sigma, q, steps)`` is planned (:func:`privacy.dpsgd.plan_release`) and checked against
+   the node's budget (``max-epsilon``; RDP epsilon, the larger of the two upper bounds, so the budget holds
+   under either accountant). Over budget: no training, the reply carries no arrays and the privacy record says
+   ``status = "budget-exhausted"`` with the spent and maximum epsilon;
+3. DP-SGD (:func:`privacy.dpsgd.dp_client_update`), then the release is charged to the ledger (signed,
+   fsynced) BEFORE the reply is built: epsilon is spent when the noisy update is computed, even if the reply
+   is lost in transit;
+4. the reply carries the node's whole ledger (canonical JSON lines) and public key; the server skips lines it
+   already has, so entries whose reply was lost arrive with the next one.
+
+Server side: :class:`RunLedger` sees every train reply, pins each node's public key the first time it is seen
+(``<run_dir>/roster.json``, trust on first use), merges the signed entries into
+``<run_dir>/epsilon_ledger.jsonl`` with :func:`privacy.ledger.merge_node_entries` (a bad signature, fork or gap
+turns the reply into an error: the update is not aggregated), and replays each node's recorded history to
+report cumulative epsilon per client (and the maximum) in ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from numpy.typing import NDArray
+
+from fedmpt.apps import task
+from fedmpt.errors import ConfigError
+from privacy.accounting import AccountantKind, DpSgdEvent, PrivacyAccountant, epsilon_pld, epsilon_rdp
+from privacy.budget import PrivacyBudget
+from privacy.dpsgd import DPConfig, DPMode, dp_client_update, plan_release
+from privacy.errors import BudgetExhausted, LedgerError, PrivacyError
+from privacy.ledger import (
+    Ledger,
+    LedgerEntry,
+    NodeIdentity,
+    Release,
+    TransportProtection,
+    merge_node_entries,
+    public_key_from_hex,
+)
+
+logger = logging.getLogger("flwr.fedmpt.privacy")
+
+#: Name of the privacy record (a ``ConfigRecord``) in a train reply, and of the accountant state in ``context.state``.
+PRIVACY_RECORD = "privacy"
+ACCOUNTANT_STATE = "privacy-accountant"
+#: Error code of a reply the server rejects because its ledger entries do not verify.
+LEDGER_REJECTED_CODE = 4201
+
+
+class PrivacyKey(StrEnum):
+    """Keys of the privacy record of a train reply and of the accountant state."""
+
+    STATUS = "status"
+    NODE_ID = "node-id"
+    PUBLIC_KEY = "public-key"
+    ENTRIES = "ledger-entries"
+    EPSILON_RDP = "epsilon-rdp"
+    REQUESTED_EPSILON = "requested-epsilon"
+    MAX_EPSILON = "max-epsilon"
+    HISTORY = "history"
+
+
+class ReplyStatus(StrEnum):
+    """What a DP node did with a train message."""
+
+    TRAINED = "trained"
+    BUDGET_EXHAUSTED = "budget-exhausted"
+
+
+class RunLedgerFile(StrEnum):
+    """Files of the run directory written by the server's :class:`RunLedger` (read by ``fedmpt report``)."""
+
+    LEDGER = "epsilon_ledger.jsonl"
+    ROSTER = "roster.json"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run config
+
+
+@dataclass(frozen=True)
+class PrivacyRunConfig:
+    """The DP keys of the run config (kebab-case there: ``noise-multiplier``, ``max-epsilon`` ...).
+
+    ``noise_multiplier = 0`` calibrates sigma from ``target_epsilon`` at ``delta`` for ``num-server-rounds``
+    rounds of local steps, assuming (worst case) the node trains every round. ``expected_batch_size = 0`` uses
+    ``batch-size``. ``max_epsilon = 0`` sets no per-node budget (a node config ``max-epsilon`` may set one).
+    ``ledger_dir = ""`` puts node ledgers under ``<runs-dir>/<run-name>/nodes``. ``delta < 1/n_k`` is checked on
+    each node, where its record count ``n_k`` is known.
+    """
+
+    dp: bool = False
+    dp_mode: str = DPMode.FEATURE.value
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    expected_batch_size: int = 0
+    accountant: str = AccountantKind.RDP.value
+    max_epsilon: float = 0.0
+    ledger_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dp, bool):
+            raise ConfigError(f"run config 'dp' must be true or false, got {self.dp!r}")
+        if self.dp_mode not in {m.value for m in DPMode}:
+            raise ConfigError(f"run config 'dp-mode' must be 'feature' or 'exact', got {self.dp_mode!r}")
+        _number("noise-multiplier", self.noise_multiplier, strict=False)
+        _number("target-epsilon", self.target_epsilon, strict=True)
+        _number("max-grad-norm", self.max_grad_norm, strict=True)
+        _number("max-epsilon", self.max_epsilon, strict=False)
+        if not _is_number(self.delta) or not 0.0 < float(self.delta) < 1.0:
+            raise ConfigError(f"run config 'delta' must be a number in (0, 1), got {self.delta!r}")
+        if isinstance(self.expected_batch_size, bool) or not isinstance(self.expected_batch_size, int):
+            raise ConfigError(f"run config 'expected-batch-size' must be an integer >= 0, got {self.expected_batch_size!r}")
+        if self.expected_batch_size < 0:
+            raise ConfigError(f"run config 'expected-batch-size' must be an integer >= 0, got {self.expected_batch_size!r}")
+        if self.accountant not in (AccountantKind.RDP.value, AccountantKind.PRV.value):
+            raise ConfigError(f"run config 'accountant' must be 'rdp' or 'prv', got {self.accountant!r}")
+        if not isinstance(self.ledger_dir, str):
+            raise ConfigError(f"run config 'ledger-dir' must be a path string, got {self.ledger_dir!r}")
+
+    def dp_config(self, rounds: int) -> DPConfig:
+        """The library's :class:`~privacy.dpsgd.DPConfig`: sigma given, or calibrated for ``rounds`` rounds."""
+        calibrate = self.noise_multiplier == 0.0
+        return DPConfig(
+            max_grad_norm=float(self.max_grad_norm),
+            delta=float(self.delta),
+            noise_multiplier=None if calibrate else float(self.noise_multiplier),
+            target_epsilon=float(self.target_epsilon) if calibrate else None,
+            rounds=rounds if calibrate else None,
+            expected_batch_size=self.expected_batch_size or None,
+            mode=self.dp_mode,
+            accountant=self.accountant,
+        )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number(key: str, value: object, *, strict: bool) -> None:
+    if not _is_number(value) or (float(value) <= 0.0 if strict else float(value) < 0.0):  # type: ignore[arg-type]
+        bound = "> 0" if strict else ">= 0"
+        raise ConfigError(f"run config {key!r} must be a finite number {bound}, got {value!r}")
+
+
+def _key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+PRIVACY_DEFAULTS: dict[str, Any] = {_key(f.name): f.default for f in fields(PrivacyRunConfig)}
+
+
+def privacy_config_from(values: Mapping[str, Any]) -> PrivacyRunConfig:
+    """Build the :class:`PrivacyRunConfig` from the run config (missing keys take :data:`PRIVACY_DEFAULTS`)."""
+    kwargs = {f.name: values.get(_key(f.name), f.default) for f in fields(PrivacyRunConfig)}
+    for f in fields(PrivacyRunConfig):  # TOML writes 1 for 1.0
+        if f.type == "float" and isinstance(kwargs[f.name], int) and not isinstance(kwargs[f.name], bool):
+            kwargs[f.name] = float(kwargs[f.name])
+    return PrivacyRunConfig(**kwargs)
+
+
+def transport_protection(run_config: Mapping[str, Any]) -> TransportProtection:
+    """How updates travel, from the ``secure-aggregation`` run-config key (absent or "none": unprotected)."""
+    value = str(run_config.get("secure-aggregation", "none") or "none").lower()
+    try:
+        return TransportProtection(value)
+    except ValueError:
+        return TransportProtection.CKKS if "ckks" in value else TransportProtection.MASKING
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Client side
+
+
+@dataclass(frozen=True)
+class NodePaths:
+    """Where a node keeps its privacy state: its key and its ledger."""
+
+    identity: Path
+    ledger: Path
+
+
+def node_paths(ledger_root: Path, partition_id: int, node_config: Mapping[str, Any]) -> NodePaths:
+    """``<ledger_root>/node-<k>/{identity.pem, epsilon_ledger.jsonl}``; node config ``identity-key`` wins."""
+    folder = ledger_root / f"node-{partition_id}"
+    provisioned = node_config.get("identity-key")
+    if provisioned is not None and (not isinstance(provisioned, str) or not provisioned):
+        raise ConfigError(f"node config 'identity-key' must be a path to a PEM key, got {provisioned!r}")
+    identity = Path(provisioned).expanduser() if provisioned else folder / "identity.pem"
+    return NodePaths(identity=identity, ledger=folder / RunLedgerFile.LEDGER.value)
+
+
+def ledger_root(privacy: PrivacyRunConfig, runs_dir: Path, run_name: str, flower_run_id: int) -> Path:
+    """The folder of the node ledgers: ``ledger-dir``, else ``<runs-dir>/<run-name>/nodes``."""
+    if privacy.ledger_dir:
+        return Path(privacy.ledger_dir).expanduser()
+    return runs_dir / (run_name or f"flower-run-{flower_run_id}") / "nodes"
+
+
+def load_identity(path: Path, *, provisioned: bool) -> NodeIdentity:
+    """Load the node key at ``path``, or (not provisioned) create it there on first use with mode 0600."""
+    if path.exists() or provisioned:
+        return NodeIdentity.load(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    identity = NodeIdentity.generate()
+    identity.save(path)
+    logger.info("created node key %s (%s)", path, identity.key_id)
+    return identity
+
+
+def node_budget(privacy: PrivacyRunConfig, node_config: Mapping[str, Any]) -> PrivacyBudget | None:
+    """The node's budget: node config ``max-epsilon`` (a per-site budget) wins over the run config's; 0 = none."""
+    value = node_config.get("max-epsilon", privacy.max_epsilon)
+    if not _is_number(value) or float(value) < 0.0:
+        raise ConfigError(f"node config 'max-epsilon' must be a finite number >= 0, got {value!r}")
+    if float(value) == 0.0:
+        return None
+    return PrivacyBudget(max_epsilon=float(value), delta=float(privacy.delta), accountant=AccountantKind.RDP)
+
+
+def restore_accountant(state: RecordDict, ledger: Ledger) -> PrivacyAccountant:
+    """The node's accountant from ``context.state``, cross-checked against its ledger (which wins)."""
+    from_ledger = PrivacyAccountant(ledger.history())
+    record = state.config_records.get(ACCOUNTANT_STATE)
+    if record is None:
+        if len(from_ledger):
+            logger.warning("node state has no accountant but its ledger %s has %d entries; using the ledger",
+                           ledger.path, len(from_ledger))
+        return from_ledger
+    try:
+        stored = PrivacyAccountant.from_state_dict(json.loads(str(record[PrivacyKey.HISTORY])))
+    except (KeyError, ValueError, TypeError, PrivacyError) as err:
+        logger.warning("node accountant state is unreadable (%s); rebuilt from the ledger %s", err, ledger.path)
+        return from_ledger
+    if stored.history != from_ledger.history:
+        logger.warning(
+            "node accountant state (%d events) disagrees with its ledger %s (%d events); the ledger is authoritative",
+            len(stored),
+            ledger.path,
+            len(from_ledger),
+        )
+        return from_ledger
+    return stored
+
+
+def save_accountant(state: RecordDict, accountant: PrivacyAccountant) -> None:
+    """Persist the accountant's JSON state in ``context.state`` (kept per node across rounds by Flower)."""
+    state.config_records[ACCOUNTANT_STATE] = ConfigRecord({PrivacyKey.HISTORY: json.dumps(accountant.state_dict())})
+
+
+@dataclass(frozen=True)
+class PrivateUpdate:
+    """What a DP node replies: a trained update (``arrays`` set) or a refusal (``arrays`` None), plus its record."""
+
+    arrays: dict[str, NDArray[np.float32]] | None
+    num_examples: int
+    metrics: dict[str, float]
+    record: ConfigRecord
+
+    @property
+    def refused(self) -> bool:
+        return self.arrays is None
+
+
+def private_update(
+    context: Context,
+    run_config: Mapping[str, Any],
+    privacy: PrivacyRunConfig,
+    task_config: task.TaskConfig,
+    *,
+    global_arrays: Mapping[str, NDArray[Any]],
+    data: task.ClientData,
+    partition_id: int,
+    server_round: int,
+    num_rounds: int,
+    run_seed: int,
+    runs_dir: Path,
+    run_name: str,
+) -> PrivateUpdate:
+    """One DP round of a node: budget check, DP-SGD, charge to the signed ledger, then the reply's content.
+
+    Order (see :mod:`privacy.budget`): check the planned release, train, record (fsync), and only then return
+    what may leave the node. Raises :class:`~privacy.errors.PrivacyParameterError` for ``delta >= 1/n_k``.
+    """
+    paths = node_paths(ledger_root(privacy, runs_dir, run_name, context.run_id), partition_id, context.node_config)
+    identity = load_identity(paths.identity, provisioned="identity-key" in context.node_config)
+    paths.ledger.parent.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(paths.ledger, identity)
+    accountant = restore_accountant(context.state, ledger)
+    node_id = str(partition_id)
+    dp_config = privacy.dp_config(num_rounds)
+    train_config = task.train_config(task_config, task.client_seed(run_seed, server_round, partition_id))
+    plan = plan_release(len(data.train), train_config, dp_config)
+    release = Release(
+        run_id=run_name or f"flower-run-{context.run_id}",
+        node_id=node_id,
+        round=server_round,
+        event=plan.event,
+        max_grad_norm=dp_config.max_grad_norm,
+        delta=dp_config.delta,
+        transport_protection=transport_protection(run_config),
+    )
+    budget = node_budget(privacy, context.node_config)
+
+    def record(status: ReplyStatus, **extra: float) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                PrivacyKey.STATUS: status.value,
+                PrivacyKey.NODE_ID: node_id,
+                PrivacyKey.PUBLIC_KEY: identity.public_key_hex,
+                PrivacyKey.ENTRIES: [e.canonical_bytes().decode("utf-8") for e in ledger.entries()],
+                PrivacyKey.EPSILON_RDP: ledger.epsilon(AccountantKind.RDP),
+                **extra,
+            }
+        )
+
+    if budget is not None:
+        try:
+            budget.check(ledger, release)
+        except BudgetExhausted as err:
+            logger.warning("node %s, round %d: %s; not training", node_id, server_round, err)
+            save_accountant(context.state, accountant)
+            refusal = record(
+                ReplyStatus.BUDGET_EXHAUSTED,
+                **{PrivacyKey.REQUESTED_EPSILON: err.requested_epsilon, PrivacyKey.MAX_EPSILON: err.max_epsilon},
+            )
+            return PrivateUpdate(None, len(data.train), {"epsilon": err.current_epsilon}, refusal)
+    with task._METHOD_LOCK:
+        method = task._method(task_config, run_seed)
+        update, event = dp_client_update(
+            method, task.to_state(global_arrays), data.train, train_config, dp_config, accountant
+        )
+    charged = Release(**{**{f.name: getattr(release, f.name) for f in fields(Release)}, "event": event})
+    if budget is not None:
+        budget.charge(ledger, charged)
+    else:
+        ledger.append(charged)
+    accountant.compose(event)
+    save_accountant(context.state, accountant)
+    metrics = {"train_loss": float(update.metrics["loss"])}
+    for name in ("epsilon", "epsilon_pld", "noise_multiplier", "sample_rate", "steps", "clipped_fraction"):
+        value = float(update.metrics.get(name, math.nan))
+        if math.isfinite(value):
+            metrics[name] = value
+    extra = {PrivacyKey.MAX_EPSILON: budget.max_epsilon} if budget is not None else {}
+    return PrivateUpdate(task.to_arrays(update.state), update.num_examples, metrics, record(ReplyStatus.TRAINED, **extra))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Server side
+
+
+def refusal_reason(reply: Message) -> str | None:
+    """``"budget exhausted (epsilon X of max Y)"`` if ``reply`` is a node's budget refusal, else None."""
+    if reply.has_error() or PRIVACY_RECORD not in reply.content.config_records:
+        return None
+    record = reply.content.config_records[PRIVACY_RECORD]
+    if record.get(PrivacyKey.STATUS) != ReplyStatus.BUDGET_EXHAUSTED.value:
+        return None
+    spent, cap = record.get(PrivacyKey.EPSILON_RDP), record.get(PrivacyKey.MAX_EPSILON)
+    spent_text = f"{float(spent):.4g}" if _is_number(spent) else "?"  # type: ignore[arg-type]
+    cap_text = f"{float(cap):.4g}" if _is_number(cap) else "?"  # type: ignore[arg-type]
+    return f"budget exhausted (epsilon {spent_text} of max {cap_text})"
+
+
+class RunLedger:
+    """The server's run ledger: collects, verifies and merges the nodes' signed entries; replays epsilon."""
+
+    def __init__(self, run_dir: Path, privacy: PrivacyRunConfig) -> None:
+        self.privacy = privacy
+        self.path = run_dir / RunLedgerFile.LEDGER.value
+        self.roster_path = run_dir / RunLedgerFile.ROSTER.value
+        self.roster: dict[str, str] = {}
+        if self.roster_path.exists():
+            loaded = json.loads(self.roster_path.read_text(encoding="utf-8"))
+            if not isinstance(loaded, dict):
+                raise LedgerError(f"roster {self.roster_path} must be a JSON object {{node_id: public key hex}}")
+            self.roster = {str(k): str(v) for k, v in loaded.items()}
+        self.entries: dict[str, list[LedgerEntry]] = {}
+        if self.path.exists():
+            for line in self.path.read_bytes().splitlines():
+                entry = LedgerEntry.from_line(line)
+                self.entries.setdefault(entry.node_id, []).append(entry)
+
+    def wrap(self, grid: Grid) -> Grid:
+        """``grid`` with every train reply passed through :meth:`collect` first."""
+        return _LedgerGrid(grid, self)
+
+    def _write_roster(self) -> None:
+        tmp = self.roster_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.roster, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.replace(self.roster_path)
+
+    def collect(self, reply: Message) -> str | None:
+        """Merge the signed entries of one train reply; returns why they were rejected, or None if merged."""
+        if reply.has_error() or PRIVACY_RECORD not in reply.content.config_records:
+            return None
+        record = reply.content.config_records[PRIVACY_RECORD]
+        node_id, key_hex = record.get(PrivacyKey.NODE_ID), record.get(PrivacyKey.PUBLIC_KEY)
+        lines = record.get(PrivacyKey.ENTRIES, [])
+        if not isinstance(node_id, str) or not isinstance(key_hex, str) or not isinstance(lines, list):
+            return "privacy record without node-id, public-key or ledger-entries"
+        try:
+            public_key_from_hex(key_hex)
+        except PrivacyError as err:
+            return str(err)
+        pinned = self.roster.get(node_id)
+        if pinned is not None and pinned != key_hex:
+            return f"node {node_id!r} presented a public key different from the one pinned in {self.roster_path}"
+        trusted = {n: public_key_from_hex(k) for n, k in {**self.roster, node_id: key_hex}.items()}
+        parsed: list[LedgerEntry] = []
+        try:
+            for line in lines:
+                if not isinstance(line, str):
+                    return "ledger entries must be strings"
+                entry = LedgerEntry.from_line(line.encode("utf-8"))
+                if entry.node_id != node_id:
+                    return f"ledger entry of node {entry.node_id!r} in the reply of node {node_id!r}"
+                parsed.append(entry)
+            merge_node_entries(self.path, parsed, trusted_keys=trusted)
+        except PrivacyError as err:
+            logger.error("ledger of node %s rejected: %s", node_id, err)
+            return f"ledger rejected: {err}"
+        if pinned is None:
+            self.roster[node_id] = key_hex
+            self._write_roster()
+        known = self.entries.setdefault(node_id, [])
+        known.extend(parsed[len(known):])
+        return None
+
+    def history(self, node_id: str) -> tuple[DpSgdEvent, ...]:
+        """The recorded DP-SGD events of ``node_id`` in the run ledger, oldest first."""
+        return tuple(e.event() for e in self.entries.get(node_id, []))
+
+    def epsilon_record(self, client_ids: Iterable[int]) -> dict[str, Any]:
+        """The round line's ``epsilon`` object: cumulative epsilon of each client, replayed from the ledger.
+
+        ``{"delta", "accountant", "clients": {id: {"epsilon_rdp", "epsilon_pld"}}, "max_epsilon_rdp",
+        "max_epsilon_pld"}``; clients without ledger entries are left out (max over none is 0.0).
+        """
+        delta = float(self.privacy.delta)
+        clients: dict[str, dict[str, float]] = {}
+        for client_id in sorted(client_ids):
+            entries = self.entries.get(str(client_id), [])
+            if not entries:
+                continue
+            history = [e.event() for e in entries]
+            clients[str(client_id)] = {
+                "epsilon_rdp": epsilon_rdp(history, delta),
+                "epsilon_pld": epsilon_pld(history, delta, entries[-1].pld_value_discretization),
+            }
+        return {
+            "delta": delta,
+            "accountant": self.privacy.accountant,
+            "clients": clients,
+            "max_epsilon_rdp": max((c["epsilon_rdp"] for c in clients.values()), default=0.0),
+            "max_epsilon_pld": max((c["epsilon_pld"] for c in clients.values()), default=0.0),
+        }
+
+
+class _LedgerGrid(Grid):
+    """A ``Grid`` that hands every train reply to a :class:`RunLedger` before the round loop sees it.
+
+    A reply whose ledger entries do not verify becomes an error reply (code :data:`LEDGER_REJECTED_CODE`), so
+    its update is not aggregated and the failure is recorded with the reason.
+    """
+
+    def __init__(self, grid: Grid, ledger: RunLedger) -> None:
+        self._grid = grid
+        self._ledger = ledger
+
+    def set_run(self, run_id: int) -> None:
+        self._grid.set_run(run_id)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
+        sent = list(messages)
+        by_node = {m.metadata.dst_node_id: m for m in sent}  # the round loop sends one message per node
+        for reply in self._grid.send_and_receive(sent, timeout=timeout):
+            if reply.metadata.message_type != MessageType.TRAIN:
+                yield reply
+                continue
+            problem = self._ledger.collect(reply)
+            original = by_node.get(reply.metadata.src_node_id)
+            if problem is None or original is None:
+                yield reply
+            else:
+                yield Message(Error(code=LEDGER_REJECTED_CODE, reason=problem), reply_to=original)
