@@ -111,7 +111,7 @@ class RoundRecord:
     bytes_up: int
     global_metrics: Mapping[str, float]
     clients: Mapping[str, Mapping[str, float]]
-    epsilon: float | None = None
+    epsilon: float | Mapping[str, JSONValue] | None = None  # per-client object of fedmpt.apps.privacy_hooks
     extra: Mapping[str, JSONValue] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -137,9 +137,18 @@ class RoundRecord:
             "bytes_up": int(self.bytes_up),
             "global": {k: _json_float(v) for k, v in self.global_metrics.items()},
             "clients": {str(k): {m: _json_float(v) for m, v in ms.items()} for k, ms in self.clients.items()},
-            "epsilon": None if self.epsilon is None else float(self.epsilon),
+            "epsilon": _epsilon_json(self.epsilon),
             **dict(self.extra),
         }
+
+
+def _epsilon_json(value: float | Mapping[str, JSONValue] | None) -> JSONValue:
+    """The round's ``epsilon``: null without DP, a number, or the per-client object (copied as a dict)."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return dict(value)
+    return float(value)
 
 
 def _json_float(value: float) -> float | None:

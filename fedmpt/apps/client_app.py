@@ -14,9 +14,10 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmpt.apps import task
+from fedmpt.apps import privacy_hooks, task
 from fedmpt.apps.config import AppConfig, read_app_config, read_node_config
 from fedmpt.apps.messages import Key, RecordName, from_array_record, to_array_record
+from fedmpt.apps.secure_aggregation import client_train
 
 
 def _client_data(context: Context, overrides: Mapping[str, Any]) -> tuple[AppConfig, int, task.ClientData]:
@@ -39,15 +40,30 @@ def train(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Messa
     global_arrays = from_array_record(msg.content.array_records[RecordName.ARRAYS])
     server_round = int(msg.content.config_records[RecordName.CONFIG][Key.SERVER_ROUND])  # type: ignore[arg-type]
     run_seed = config.federation.seed
-    local_arrays, num_examples, train_metrics = task.client_update(
-        global_arrays,
-        data,
-        config.task,
-        seed=task.client_seed(run_seed, server_round, partition_id),
-        run_seed=run_seed,
-    )
+    if config.privacy.dp:  # DP-SGD, budget and signed ledger: fedmpt.apps.privacy_hooks
+        private = privacy_hooks.private_update(
+            context, {**context.run_config, **overrides}, config.privacy, config.task, global_arrays=global_arrays,
+            data=data, partition_id=partition_id, server_round=server_round,
+            num_rounds=config.federation.num_server_rounds, run_seed=run_seed,
+            runs_dir=config.federation.runs_path, run_name=config.federation.run_name,
+        )  # fmt: skip
+        if private.arrays is None:  # budget exhausted: no update, the privacy record says why
+            metrics = MetricRecord({**private.metrics, Key.PARTITION_ID: partition_id})
+            refusal = RecordDict({RecordName.METRICS: metrics, privacy_hooks.PRIVACY_RECORD: private.record})
+            return Message(refusal, reply_to=msg)
+        local_arrays, num_examples, train_metrics = private.arrays, private.num_examples, private.metrics
+    else:
+        local_arrays, num_examples, train_metrics = task.client_update(
+            global_arrays,
+            data,
+            config.task,
+            seed=task.client_seed(run_seed, server_round, partition_id),
+            run_seed=run_seed,
+        )
     metrics = MetricRecord({**train_metrics, Key.NUM_EXAMPLES: num_examples, Key.PARTITION_ID: partition_id})
     content = RecordDict({RecordName.ARRAYS: to_array_record(local_arrays), RecordName.METRICS: metrics})
+    if config.privacy.dp:
+        content[privacy_hooks.PRIVACY_RECORD] = private.record
     return Message(content, reply_to=msg)
 
 
@@ -77,7 +93,8 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @client_app.train()
     def _train(msg: Message, context: Context) -> Message:
-        return train(msg, context, fixed)
+        # secure-aggregation stage messages are run by fedmpt.apps.secure_aggregation; plain ones by train()
+        return client_train(msg, context, fixed, lambda m: train(m, context, fixed))
 
     @client_app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:

@@ -135,10 +135,9 @@ class PrivacyRunConfig:
         _number("max-epsilon", self.max_epsilon, strict=False)
         if not _is_number(self.delta) or not 0.0 < float(self.delta) < 1.0:
             raise ConfigError(f"run config 'delta' must be a number in (0, 1), got {self.delta!r}")
-        if isinstance(self.expected_batch_size, bool) or not isinstance(self.expected_batch_size, int):
-            raise ConfigError(f"run config 'expected-batch-size' must be an integer >= 0, got {self.expected_batch_size!r}")
-        if self.expected_batch_size < 0:
-            raise ConfigError(f"run config 'expected-batch-size' must be an integer >= 0, got {self.expected_batch_size!r}")
+        batch = self.expected_batch_size
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+            raise ConfigError(f"run config 'expected-batch-size' must be an integer >= 0, got {batch!r}")
         if self.accountant not in (AccountantKind.RDP.value, AccountantKind.PRV.value):
             raise ConfigError(f"run config 'accountant' must be 'rdp' or 'prv', got {self.accountant!r}")
         if not isinstance(self.ledger_dir, str):
@@ -250,8 +249,11 @@ def restore_accountant(state: RecordDict, ledger: Ledger) -> PrivacyAccountant:
     record = state.config_records.get(ACCOUNTANT_STATE)
     if record is None:
         if len(from_ledger):
-            logger.warning("node state has no accountant but its ledger %s has %d entries; using the ledger",
-                           ledger.path, len(from_ledger))
+            logger.warning(
+                "node state has no accountant but its ledger %s has %d entries; using the ledger",
+                ledger.path,
+                len(from_ledger),
+            )
         return from_ledger
     try:
         stored = PrivacyAccountant.from_state_dict(json.loads(str(record[PrivacyKey.HISTORY])))
@@ -369,7 +371,9 @@ def private_update(
         if math.isfinite(value):
             metrics[name] = value
     extra = {PrivacyKey.MAX_EPSILON: budget.max_epsilon} if budget is not None else {}
-    return PrivateUpdate(task.to_arrays(update.state), update.num_examples, metrics, record(ReplyStatus.TRAINED, **extra))
+    return PrivateUpdate(
+        task.to_arrays(update.state), update.num_examples, metrics, record(ReplyStatus.TRAINED, **extra)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -451,7 +455,7 @@ class RunLedger:
             self.roster[node_id] = key_hex
             self._write_roster()
         known = self.entries.setdefault(node_id, [])
-        known.extend(parsed[len(known):])
+        known.extend(e for e in parsed if e.seq >= len(known))
         return None
 
     def history(self, node_id: str) -> tuple[DpSgdEvent, ...]:
@@ -495,8 +499,8 @@ class _LedgerGrid(Grid):
         self._grid = grid
         self._ledger = ledger
 
-    def set_run(self, run_id: int) -> None:
-        self._grid.set_run(run_id)
+    def set_run(self, run: Any) -> None:
+        self._grid.set_run(run)
 
     @property
     def run(self) -> Any:

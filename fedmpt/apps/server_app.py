@@ -34,9 +34,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from numpy.typing import NDArray
 
-from fedmpt.apps import task
+from fedmpt.apps import privacy_hooks, task
 from fedmpt.apps.config import AppConfig, read_app_config
 from fedmpt.apps.messages import Key, RecordName, from_array_record, to_array_record
+from fedmpt.apps.secure_aggregation import ServerSecureAggregation
 from fedmpt.errors import FedMPTError
 from fedmpt.partition import sample_participants
 from fedmpt.rundir import ClientFailure, RoundRecord, RunDirectory
@@ -170,6 +171,10 @@ def _exchange(
                 ClientFailure(node_id, f"error {reply.error.code}: {reply.error.reason}", client_id=client_id)
             )
             continue
+        refusal = privacy_hooks.refusal_reason(reply)  # a DP node over its budget: not an error, no update
+        if refusal is not None:
+            failures.append(ClientFailure(node_id, refusal, client_id=client_id))
+            continue
         problem, parsed = _parse_reply(reply, expect_arrays)
         if problem:
             failures.append(ClientFailure(node_id, f"malformed reply: {problem}", client_id=client_id))
@@ -245,6 +250,10 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
         logger.info("resuming after round %d of %d", point.round, fed.num_server_rounds)
     global_test = task.load_global_test(config.task, fed.seed)
     roster = _Roster(partition_of={})
+    run_ledger = privacy_hooks.RunLedger(run.path, config.privacy) if config.privacy.dp else None
+    if run_ledger is not None:  # collects and verifies the nodes' signed epsilon ledger entries
+        grid = run_ledger.wrap(grid)
+    secure = ServerSecureAggregation.create(config, run.path)  # None unless secure-aggregation is on
     for server_round in range(point.round + 1, fed.num_server_rounds + 1):
         started = time.monotonic()
         node_ids = _wait_for_nodes(grid, fed.min_clients, fed.wait_for_clients_s)
@@ -259,18 +268,27 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
         chosen = sample_participants(len(client_ids), fed.fraction_train, server_round, fed.seed, fed.min_clients)
         targets = {client_ids[i]: available[client_ids[i]] for i in chosen}
         shapes = {name: tuple(a.shape) for name, a in arrays.items()}
-        replies, failures, bytes_down = _exchange(
-            grid,
-            MessageType.TRAIN,
-            targets,
-            to_array_record(arrays),
-            server_round,
-            fed.round_timeout_s,
-            shapes,
-        )
-        bytes_up = sum(r.bytes_up for r in replies)
-        extra: dict[str, Any] = {"status": "ok"}
-        if len(replies) >= fed.min_clients:
+        protected = secure.train_round(grid, targets, arrays, server_round, fed) if secure is not None else None
+        if protected is not None:  # masked stages + unmasked weighted mean: fedmpt.apps.secure_aggregation
+            arrays = protected.arrays if protected.arrays is not None else arrays
+            metrics_of = protected.train_metrics
+            replies = [_Reply(c, targets[c], None, metrics_of.get(str(c), {}), 0) for c in protected.replied]
+            failures, bytes_down = protected.failures, protected.bytes_down
+        else:
+            replies, failures, bytes_down = _exchange(
+                grid,
+                MessageType.TRAIN,
+                targets,
+                to_array_record(arrays),
+                server_round,
+                fed.round_timeout_s,
+                shapes,
+            )
+        bytes_up = protected.bytes_up if protected is not None else sum(r.bytes_up for r in replies)
+        extra: dict[str, Any] = {"status": "ok", **(protected.extra if protected else {"secure_aggregation": "none"})}
+        if protected is not None:
+            extra["train"] = protected.train_metrics
+        elif len(replies) >= fed.min_clients:
             arrays = task.aggregate(
                 [(r.arrays, int(r.metrics[Key.NUM_EXAMPLES])) for r in replies if r.arrays is not None]
             )
@@ -308,6 +326,7 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
             bytes_up=bytes_up,
             global_metrics=global_metrics,
             clients={str(r.client_id): r.metrics for r in eval_replies},
+            epsilon=run_ledger.epsilon_record(targets) if run_ledger is not None else None,
             extra=extra,
         )
         run.complete_round(
