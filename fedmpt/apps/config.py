@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmpt.apps.privacy_hooks import PRIVACY_DEFAULTS, PrivacyRunConfig, privacy_config_from
+from fedmpt.apps.secure_aggregation import SECAGG_DEFAULTS, SecureAggregationConfig, secure_aggregation_config_from
 from fedmpt.apps.task import TASK_DEFAULTS, TaskConfig, task_config_from
 from fedmpt.errors import ConfigError
 from fedmpt.rundir import check_run_name
@@ -79,6 +80,7 @@ class AppConfig:
     task: TaskConfig
     resolved: Mapping[str, Any]  # the full flat run config with defaults filled in (written to config.json)
     privacy: PrivacyRunConfig = PrivacyRunConfig()  # DP keys (fedmpt.apps.privacy_hooks)
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()  # fedmpt.apps.secure_aggregation
 
     def identity(self) -> dict[str, Any]:
         """The resolved config minus keys that do not change the result (run name, directory, resume)."""
@@ -106,7 +108,7 @@ def _key(field_name: str) -> str:
 
 
 FEDERATION_DEFAULTS: dict[str, Any] = {_key(f.name): f.default for f in fields(FederationConfig)}
-DEFAULTS: dict[str, Any] = {**FEDERATION_DEFAULTS, **TASK_DEFAULTS, **PRIVACY_DEFAULTS}
+DEFAULTS: dict[str, Any] = {**FEDERATION_DEFAULTS, **TASK_DEFAULTS, **PRIVACY_DEFAULTS, **SECAGG_DEFAULTS}
 KNOWN_KEYS: tuple[str, ...] = tuple(sorted(DEFAULTS))
 _BOOKKEEPING_KEYS = frozenset({"run-name", "runs-dir", "resume"})
 
@@ -146,7 +148,8 @@ def read_app_config(run_config: Mapping[str, Any]) -> AppConfig:
     federation = FederationConfig(**federation_kwargs)
     task = task_config_from({k: resolved[k] for k in TASK_DEFAULTS})
     privacy = privacy_config_from({k: resolved[k] for k in PRIVACY_DEFAULTS})
-    return AppConfig(federation=federation, task=task, resolved=resolved, privacy=privacy)
+    secure = secure_aggregation_config_from({k: resolved[k] for k in SECAGG_DEFAULTS})
+    return AppConfig(federation=federation, task=task, resolved=resolved, privacy=privacy, secure_aggregation=secure)
 
 
 def read_node_config(node_config: Mapping[str, Any]) -> NodeConfig:

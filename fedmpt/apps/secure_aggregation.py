@@ -1,0 +1,841 @@
+"""Secure aggregation as Flower message stages: the server never sees an individual update in the clear.
+
+Selected by the run config key ``secure-aggregation``:
+
+* ``"none"`` (default): plain FedAvg (:func:`fedmpt.apps.task.aggregate`).
+* ``"masking"``: double masking of Bonawitz et al. (CCS 2017), optionally on the SecAgg+ graph of Bell et al.
+  (CCS 2020), implemented by :mod:`secagg.masking`. One federated round becomes four ``train`` message
+  exchanges, told apart by ``secagg-stage`` in the message's config record (see :mod:`fedmpt.apps.messages`):
+
+  ==============  ==========================================================  ==================================
+  stage           client                                                      server
+  ==============  ==========================================================  ==================================
+  ``advertise``   trains once from the global state it received (plain        :func:`secagg.masking.
+                  ``train`` handler), keeps delta = local - global and its    server_collect_advertisements`
+                  example count in ``context.state``; signed X25519 keys
+  ``share-keys``  Shamir shares of b_u and s_sk_u, encrypted per peer         ``server_collect_shares``
+  ``masked-input``  y_u = encode(w_u * delta_u) + masks mod 2**b              ``server_collect_masked_inputs``
+  ``unmask``      shares of b_v (survivors) or s_sk_v (drop-outs)             ``server_unmask`` -> weighted mean
+  ==============  ==========================================================  ==================================
+
+  The new global state is ``global + sum_u w_u delta_u / sum_u w_u``, which equals FedAvg of the local states
+  (``sum_u w_u local_u / sum_u w_u``) up to the quantization error bound below. Protocol node ids are the
+  clients' partition ids (the provisioned identities ``identity_<partition>.key``), not Flower node ids.
+
+* ``"ckks"``: reserved for CKKS (TenSEAL) aggregation; not wired into the apps yet (rejected by the config).
+
+**Range and scale (masking).** The update vector is the delta (local - global), flattened in the sorted order
+of the array names, so a modest clip range ``secagg-clip-range`` = c (default 1.0) covers it: one local epoch
+moves prompt parameters by far less. Coordinates outside [-c, c] are clipped (a bias, not an error; every
+client reports how many it clipped as ``secagg-clipped``). The weight w_u (example count, at most
+W = ``train-per-client``, which the synthetic benchmark gives every client) is carried inside the masked
+vector. The fixed-point scale is the largest power of two s with ``num-clients * ceil(W * c * s) < 2**31``
+(32-bit words, no wrap-around), and the decoded weighted mean errs per coordinate by less than
+``n / (s * sum_u w_u)`` (:func:`secagg.encoding.quantization_error_bound`; e.g. 5 clients x 400 examples,
+c = 1: s = 2**20, bound 2.4e-9). The bound of each round is written to its metrics line
+(``extra["secagg"]["error_bound"]``).
+
+**Threshold.** ``secagg-threshold`` = t, or 0 for the default: a strict majority of the round's participants,
+``max(2, n // 2 + 1)`` (capped at ``k // 2 + 1`` on a SecAgg+ graph of ``secagg-neighbours`` = k). Clients
+compute the same rule from the participant list themselves and refuse a setup with another t, so a server
+cannot lower it. Drop-outs after key sharing are recovered exactly; with fewer than t survivors the round fails
+loudly: nothing is applied and the metrics line says ``status = "secure-aggregation-failed"`` with the reason.
+The default is honest-but-curious security; against an active server set t > 2n/3 (see
+``docs/secure_aggregation.md`` section 3).
+
+**Keys.** ``secagg-dir`` is a directory written by ``fedmpt secagg provision`` (``masking/roster.bin``,
+``masking/identity_<partition>.key``). Empty (the default) provisions a fresh kit per run into
+``<run_dir>/secagg/`` **on the server's machine, client secrets included**: acceptable only for the
+simulation, where server and clients share a disk; a warning says so.
+
+**Client state between stages.** Flower may run each message in a new ClientApp process, so the per-round
+protocol state (round X25519 keys, the self-mask seed, held shares, the delta) is kept in the node's
+``context.state`` (held in the SuperNode's memory, never written to disk by fedmpt) as a versioned binary
+record (:func:`pack_client_state`; no pickle), and deleted after the unmask stage.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import struct
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedmpt.errors import ConfigError, FedMPTError
+from fedmpt.rundir import ClientFailure
+from secagg import masking, wire
+from secagg.config import MaskingConfig
+from secagg.errors import SecAggError, ThresholdNotMet
+from secagg.keys import (
+    ROSTER_FILE,
+    SERVER_ID,
+    Identity,
+    Roster,
+    RoundKeyPair,
+    identity_file_name,
+    load_identity,
+    load_roster,
+    provision_identities,
+    x25519_from_private_bytes,
+    x25519_private_bytes,
+)
+from secagg.shamir import decode_share, encode_share
+
+if TYPE_CHECKING:
+    from flwr.app import Context, Message
+    from flwr.serverapp import Grid
+
+logger = logging.getLogger("flwr.fedmpt.secagg")
+
+Arrays = dict[str, NDArray[Any]]
+
+#: Sub-directory of a provisioned kit (``fedmpt secagg provision``) holding the masking keys.
+MASKING_DIR = "masking"
+#: Sub-directory of the run directory used when ``secagg-dir`` is empty (simulation only).
+RUN_KIT_DIR = "secagg"
+#: Record in the node's ``context.state`` that holds the per-round protocol state.
+STATE_RECORD = "secagg-state"
+_STATE_MAGIC = b"FMCS"
+_STATE_VERSION = 1
+
+
+class Mode(enum.StrEnum):
+    """Values of the run-config key ``secure-aggregation``."""
+
+    NONE = "none"
+    MASKING = "masking"
+    CKKS = "ckks"
+
+
+class Stage(enum.StrEnum):
+    """Values of ``secagg-stage`` in a masking ``train`` message: the protocol stage it carries."""
+
+    ADVERTISE = "advertise"
+    SHARE_KEYS = "share-keys"
+    MASKED_INPUT = "masked-input"
+    UNMASK = "unmask"
+
+
+class SecAggKey(enum.StrEnum):
+    """Keys the secure-aggregation stages add to the config and metric records."""
+
+    STAGE = "secagg-stage"
+    PAYLOAD = "secagg-payload"
+    CLIPPED = "secagg-clipped"
+
+
+#: Run-config keys of secure aggregation and their defaults (also in ``[tool.flwr.app.config]``).
+SECAGG_DEFAULTS: dict[str, Any] = {
+    "secure-aggregation": "none",
+    "secagg-dir": "",
+    "secagg-threshold": 0,
+    "secagg-neighbours": 0,
+    "secagg-clip-range": 1.0,
+}
+
+
+class SecureAggregationError(FedMPTError):
+    """A secure-aggregation stage cannot be run by this node (missing keys, foreign message, bad state)."""
+
+
+@dataclass(frozen=True)
+class SecureAggregationConfig:
+    """The run config of secure aggregation (keys in :data:`SECAGG_DEFAULTS`).
+
+    Attributes:
+        mode: ``none``, ``masking`` or ``ckks``.
+        key_dir: the provisioned kit (``fedmpt secagg provision --out``); "" = a fresh kit per run in the run
+            directory (simulation only: the server writes the clients' secrets).
+        threshold: Shamir threshold t >= 2, or 0 for the default strict majority (see module doc).
+        neighbours: even SecAgg+ degree k >= 2, or 0 for the complete graph.
+        clip_range: c > 0: every coordinate of a client's delta is clipped to [-c, c] before encoding.
+    """
+
+    mode: Mode = Mode.NONE
+    key_dir: str = ""
+    threshold: int = 0
+    neighbours: int = 0
+    clip_range: float = 1.0
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "mode", Mode(self.mode))
+        except ValueError:
+            raise ConfigError(
+                f"run config 'secure-aggregation' must be one of {[m.value for m in Mode]}, got {self.mode!r}"
+            ) from None
+        if self.mode is Mode.CKKS:
+            raise ConfigError(
+                'run config \'secure-aggregation\' = "ckks" is not wired into the Flower apps yet; use "masking" '
+                "(the CKKS library is secagg.ckks)"
+            )
+        if not isinstance(self.key_dir, str):
+            raise ConfigError(f"run config 'secagg-dir' must be a string, got {self.key_dir!r}")
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0 or t == 1:
+            raise ConfigError(f"run config 'secagg-threshold' must be 0 (default) or an integer >= 2, got {t!r}")
+        k = self.neighbours
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0 or k == 1 or k % 2:
+            raise ConfigError(
+                f"run config 'secagg-neighbours' must be 0 (complete graph) or an even int >= 2, got {k!r}"
+            )
+        if t and k and k < t:
+            raise ConfigError(f"run config 'secagg-neighbours'={k} is below 'secagg-threshold'={t}")
+        c = self.clip_range
+        if isinstance(c, bool) or not isinstance(c, int | float) or not math.isfinite(c) or c <= 0:
+            raise ConfigError(f"run config 'secagg-clip-range' must be a finite number > 0, got {c!r}")
+        object.__setattr__(self, "clip_range", float(c))
+
+    @property
+    def enabled(self) -> bool:
+        """Whether updates are protected (any mode but ``none``)."""
+        return self.mode is not Mode.NONE
+
+
+def secure_aggregation_config_from(values: Mapping[str, Any]) -> SecureAggregationConfig:
+    """Build the config from the run-config keys of :data:`SECAGG_DEFAULTS` (missing keys take the defaults)."""
+    v = {**SECAGG_DEFAULTS, **{k: values[k] for k in SECAGG_DEFAULTS if k in values}}
+    return SecureAggregationConfig(
+        mode=v["secure-aggregation"],
+        key_dir=v["secagg-dir"],
+        threshold=v["secagg-threshold"],
+        neighbours=v["secagg-neighbours"],
+        clip_range=v["secagg-clip-range"],
+    )
+
+
+# ------------------------------------------------------------------------------------------ parameters
+
+
+def default_threshold(n_participants: int, neighbours: int = 0) -> int:
+    """Default Shamir threshold: a strict majority ``max(2, n // 2 + 1)``; on a SecAgg+ graph of degree k < n - 1
+    at most ``k // 2 + 1`` (a node's secrets are shared among itself and its k neighbours)."""
+    t = max(2, n_participants // 2 + 1)
+    if neighbours and neighbours < n_participants - 1:
+        t = min(t, max(2, neighbours // 2 + 1))
+    return t
+
+
+def fixed_point_scale(max_clients: int, max_weight: int, clip_range: float, modulus_bits: int = 32) -> float:
+    """Largest power of two s with ``max_clients * ceil(max_weight * clip_range * s) < 2**(modulus_bits - 1)``.
+
+    That is the no-wrap-around condition of :func:`secagg.encoding.check_capacity` for ``max_clients``
+    clients; a larger s only shrinks the quantization error ``n / (s * sum w)``.
+    """
+    if max_clients < 1 or max_weight < 1 or not clip_range > 0:
+        raise ConfigError(
+            f"need max_clients, max_weight >= 1 and clip_range > 0, got {max_clients}, {max_weight}, {clip_range}"
+        )
+    limit = (2 ** (modulus_bits - 1) - 1) // max_clients  # largest allowed ceil(W c s)
+    exponent = math.floor(math.log2(limit / (max_weight * clip_range)))
+    while exponent > -60 and math.ceil(max_weight * clip_range * 2.0**exponent) > limit:
+        exponent -= 1
+    if exponent < 0:
+        raise ConfigError(
+            f"{max_clients} clients x weight {max_weight} x clip range {clip_range} leave no fixed-point precision "
+            f"in a {modulus_bits}-bit modulus; lower 'secagg-clip-range'"
+        )
+    return float(2.0**exponent)
+
+
+def masking_config(
+    config: SecureAggregationConfig, n_participants: int, max_clients: int, max_weight: int, timeout_s: float = 60.0
+) -> MaskingConfig:
+    """The :class:`~secagg.config.MaskingConfig` of one round with ``n_participants`` clients.
+
+    Server and clients call it with the same run config, so both sides agree on everything; t follows the
+    participant count (:func:`default_threshold`) unless ``secagg-threshold`` fixes it.
+    """
+    t = config.threshold or default_threshold(n_participants, config.neighbours)
+    k = config.neighbours if config.neighbours and config.neighbours < n_participants - 1 else None
+    return MaskingConfig(
+        threshold=t,
+        neighbourhood_size=k,
+        modulus_bits=32,
+        clip_range=config.clip_range,
+        scale=fixed_point_scale(max_clients, max_weight, config.clip_range),
+        max_weight=max_weight,
+        stage_timeout_s=timeout_s,
+    )
+
+
+def flatten(arrays: Mapping[str, NDArray[Any]]) -> NDArray[np.float64]:
+    """The update vector: every array raveled in the sorted order of the names, as float64, shape (d,)."""
+    return np.concatenate([np.asarray(arrays[name], dtype=np.float64).ravel() for name in sorted(arrays)])
+
+
+def unflatten(vector: NDArray[Any], like: Mapping[str, NDArray[Any]]) -> Arrays:
+    """Inverse of :func:`flatten` for the names and shapes of ``like`` (fp32 arrays)."""
+    out: Arrays = {}
+    pos = 0
+    for name in sorted(like):
+        shape = np.shape(like[name])
+        size = int(np.prod(shape))
+        out[name] = np.asarray(vector[pos : pos + size], dtype=np.float32).reshape(shape)
+        pos += size
+    if pos != len(vector):
+        raise ConfigError(f"vector of length {len(vector)} does not match the state's {pos} values")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ keys
+
+
+def run_kit_dir(runs_dir: str, run_name: str) -> Path:
+    """Where a per-run kit lives when ``secagg-dir`` is empty: ``<runs-dir>/<run-name>/secagg``."""
+    if not run_name:
+        raise ConfigError("run config 'secagg-dir' = \"\" (a per-run kit) needs 'run-name' so clients can find the kit")
+    return Path(runs_dir).expanduser() / run_name / RUN_KIT_DIR
+
+
+def kit_dir(config: SecureAggregationConfig, runs_dir: str, run_name: str) -> Path:
+    """The kit directory both sides read: ``secagg-dir``, or the per-run kit."""
+    return Path(config.key_dir).expanduser() if config.key_dir else run_kit_dir(runs_dir, run_name)
+
+
+def ensure_run_kit(directory: Path, num_clients: int) -> Roster:
+    """Server, ``secagg-dir`` = "": provision identities for partitions 0..num_clients-1 once per run (reused on
+    resume) and return the roster. Writes the clients' private keys next to the run: simulation only."""
+    masking_dir = directory / MASKING_DIR
+    roster_path = masking_dir / ROSTER_FILE
+    if roster_path.exists():
+        return load_roster(roster_path)
+    logger.warning(
+        "secure aggregation: provisioning a per-run key kit in %s, INCLUDING every client's private identity key; "
+        "this is only acceptable for the simulation (use 'fedmpt secagg provision' and 'secagg-dir' in a deployment)",
+        directory,
+    )
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    masking_dir.mkdir(mode=0o700, exist_ok=True)
+    return provision_identities(list(range(num_clients)), masking_dir)
+
+
+def load_client_keys(directory: Path, partition_id: int) -> tuple[Identity, Roster]:
+    """A node's identity key and the roster from a kit directory (its ``masking/`` sub-directory)."""
+    masking_dir = directory / MASKING_DIR
+    identity_path = masking_dir / identity_file_name(partition_id)
+    if not identity_path.exists():
+        raise SecureAggregationError(
+            f"secure aggregation: no identity key for partition {partition_id} at {identity_path} "
+            "(provision with 'fedmpt secagg provision' and set 'secagg-dir')"
+        )
+    return load_identity(identity_path, partition_id), load_roster(masking_dir / ROSTER_FILE)
+
+
+# ------------------------------------------------------------------------------------------ client state
+
+
+def pack_client_state(state: masking.ClientState, delta: NDArray[np.float64], weight: int) -> bytes:
+    """Versioned binary form of a client's round state and its pending update (no pickle).
+
+    Layout (little-endian): ``FMCS`` u8 version, u8 stage index, run id 16, u64 round, u64 d, u64 weight,
+    c_sk 32, s_sk 32, u8 has-seed + b_u 32, then counted lists (u32 n) of participants (u64), neighbours (u64),
+    key bundles (u64 id + 128), held shares (u64 id + 2 shares), receive keys (u64 id + 32), replay-guard
+    entries (u32 kind + u64 sender), and the delta as d float64.
+    """
+    if state.c_keys is None or state.s_keys is None:
+        raise SecureAggregationError(f"node {state.node_id}: no round keys to store before advertise_keys")
+    stages = list(masking.ClientStage)
+    parts = [
+        _STATE_MAGIC,
+        struct.pack("<BB", _STATE_VERSION, stages.index(state.stage)),
+        state.run_id,
+        struct.pack("<QQQ", state.round_number, state.vector_length, weight),
+        x25519_private_bytes(state.c_keys.private),
+        x25519_private_bytes(state.s_keys.private),
+        struct.pack("<B", 1 if state.self_mask_seed else 0),
+        state.self_mask_seed or bytes(wire.SECRET_BYTES),
+    ]
+
+    def ids(values: Sequence[int]) -> bytes:
+        return struct.pack("<I", len(values)) + b"".join(struct.pack("<Q", v) for v in sorted(values))
+
+    parts += [ids(state.participants), ids(list(state.neighbours))]
+    parts.append(struct.pack("<I", len(state.peer_bundles)))
+    parts += [struct.pack("<Q", v) + wire.encode_key_bundle(b) for v, b in sorted(state.peer_bundles.items())]
+    parts.append(struct.pack("<I", len(state.held_shares)))
+    parts += [
+        struct.pack("<Q", v) + encode_share(a) + encode_share(b) for v, (a, b) in sorted(state.held_shares.items())
+    ]
+    parts.append(struct.pack("<I", len(state.receive_keys)))
+    parts += [struct.pack("<Q", v) + k for v, k in sorted(state.receive_keys.items())]
+    parts.append(struct.pack("<I", len(state.guard.seen)))
+    parts += [struct.pack("<IQ", kind, sender) for kind, sender in sorted(state.guard.seen)]
+    vector = np.ascontiguousarray(delta, dtype="<f8")
+    parts.append(struct.pack("<Q", vector.size) + vector.tobytes())
+    return b"".join(parts)
+
+
+def unpack_client_state(
+    data: bytes, config: MaskingConfig, identity: Identity, roster: Roster
+) -> tuple[masking.ClientState, NDArray[np.float64], int]:
+    """Inverse of :func:`pack_client_state`: (state, delta, weight). Raises SecureAggregationError on bad bytes."""
+    view = memoryview(bytes(data))
+    pos = 0
+
+    def take(n: int) -> bytes:
+        nonlocal pos
+        if pos + n > len(view):
+            raise SecureAggregationError(f"stored secure-aggregation state truncated at byte {pos}")
+        out = bytes(view[pos : pos + n])
+        pos += n
+        return out
+
+    def u32() -> int:
+        return int(struct.unpack("<I", take(4))[0])
+
+    def u64() -> int:
+        return int(struct.unpack("<Q", take(8))[0])
+
+    if take(4) != _STATE_MAGIC:
+        raise SecureAggregationError("stored secure-aggregation state has a bad magic")
+    version, stage_index = struct.unpack("<BB", take(2))
+    stages = list(masking.ClientStage)
+    if version != _STATE_VERSION or stage_index >= len(stages):
+        raise SecureAggregationError(f"stored secure-aggregation state: version {version}, stage {stage_index}")
+    state = masking.ClientState.create(config, identity, roster)
+    state.stage = stages[stage_index]
+    state.run_id = take(16)
+    state.round_number, state.vector_length, weight = u64(), u64(), u64()
+    state.c_keys = RoundKeyPair(x25519_from_private_bytes(take(32)))
+    state.s_keys = RoundKeyPair(x25519_from_private_bytes(take(32)))
+    has_seed = take(1)[0]
+    seed = take(wire.SECRET_BYTES)
+    state.self_mask_seed = seed if has_seed else b""
+    state.participants = tuple(u64() for _ in range(u32()))
+    state.neighbours = frozenset(u64() for _ in range(u32()))
+    for _ in range(u32()):
+        v = u64()
+        state.peer_bundles[v] = wire.decode_key_bundle(take(wire.KEY_BUNDLE_BYTES))
+    for _ in range(u32()):
+        v = u64()
+        a = decode_share(take(wire.SHARE_BYTES), wire.SECRET_BYTES)
+        b = decode_share(take(wire.SHARE_BYTES), wire.SECRET_BYTES)
+        state.held_shares[v] = (a, b)
+    for _ in range(u32()):
+        v = u64()
+        state.receive_keys[v] = take(32)
+    for _ in range(u32()):
+        kind, sender = struct.unpack("<IQ", take(12))
+        state.guard.seen.add((int(kind), int(sender)))
+    d = u64()
+    delta = np.frombuffer(take(8 * d), dtype="<f8").astype(np.float64)
+    if pos != len(view):
+        raise SecureAggregationError(f"stored secure-aggregation state has {len(view) - pos} trailing bytes")
+    return state, delta, int(weight)
+
+
+# ------------------------------------------------------------------------------------------ client side
+
+
+def _stage_of(msg: Message) -> str | None:
+    from fedmpt.apps.messages import RecordName
+
+    record = msg.content.config_records.get(RecordName.CONFIG)
+    if record is None:
+        return None
+    stage = record.get(SecAggKey.STAGE)
+    return stage if isinstance(stage, str) else None
+
+
+def _payload_of(msg: Message) -> bytes:
+    from fedmpt.apps.messages import RecordName
+
+    payload = msg.content.config_records[RecordName.CONFIG].get(SecAggKey.PAYLOAD)
+    if not isinstance(payload, bytes):
+        raise SecureAggregationError(f"secure-aggregation message without a bytes '{SecAggKey.PAYLOAD}'")
+    return payload
+
+
+def _reply(msg: Message, stage: str, payload: bytes, metrics: Mapping[str, Any] | None = None) -> Message:
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from fedmpt.apps.messages import RecordName
+
+    content = RecordDict({RecordName.CONFIG: ConfigRecord({SecAggKey.STAGE: stage, SecAggKey.PAYLOAD: payload})})
+    content[RecordName.METRICS] = MetricRecord(dict(metrics or {}))
+    return Message(content, reply_to=msg)
+
+
+def _error_reply(msg: Message, reason: str) -> Message:
+    from flwr.app import Error, Message
+
+    return Message(Error(code=_ERROR_CODE, reason=reason), reply_to=msg)
+
+
+_ERROR_CODE = 7001  # fedmpt secure-aggregation failure on a client (Flower reserves small codes)
+
+
+@dataclass(frozen=True)
+class _ClientSetup:
+    config: SecureAggregationConfig
+    partition_id: int
+    max_clients: int
+    max_weight: int
+    timeout_s: float
+    kit: Path
+
+
+def _client_setup(context: Context, overrides: Mapping[str, Any]) -> _ClientSetup:
+    from fedmpt.apps.config import read_app_config, read_node_config
+
+    app = read_app_config({**context.run_config, **overrides})
+    node = read_node_config(context.node_config)
+    fed = app.federation
+    cfg = app.secure_aggregation
+    return _ClientSetup(
+        cfg,
+        node.partition_id,
+        app.task.num_clients,
+        app.task.train_per_client,
+        fed.round_timeout_s,
+        kit_dir(cfg, fed.runs_dir, fed.run_name),
+    )
+
+
+def client_train(
+    msg: Message, context: Context, overrides: Mapping[str, Any], plain_train: Callable[[Message], Message]
+) -> Message:
+    """The ClientApp's ``train`` handler with secure aggregation: plain messages go to ``plain_train``.
+
+    A message with ``secagg-stage`` runs that masking stage; the ``advertise`` stage first runs ``plain_train``
+    (local training, with whatever it does, e.g. DP-SGD) and keeps its result for the ``masked-input`` stage.
+    Protocol failures are answered with an error reply naming the reason (the server records the node as
+    dropped).
+    """
+    stage = _stage_of(msg)
+    if stage is None:
+        return plain_train(msg)
+    try:
+        setup = _client_setup(context, overrides)
+        return _client_masking_stage(msg, context, setup, stage, plain_train)
+    except (SecAggError, ConfigError, SecureAggregationError) as err:
+        logger.warning("secure aggregation stage %s failed on this node: %s", stage, err)
+        if STATE_RECORD in context.state:
+            del context.state[STATE_RECORD]
+        return _error_reply(msg, f"secure aggregation stage {stage}: {type(err).__name__}: {err}")
+
+
+def _peek_participants(request: bytes, node_id: int) -> tuple[int, ...]:
+    env = wire.unpack(
+        request, kind=wire.Kind.ADVERTISE_REQUEST, run_id=None, round_number=None, recipient=node_id, sender=SERVER_ID
+    )
+    return wire.decode_advertise_request(env.payload).participants
+
+
+def _client_masking_stage(
+    msg: Message,
+    context: Context,
+    setup: _ClientSetup,
+    stage: str,
+    plain_train: Callable[[Message], Message],
+) -> Message:
+    from flwr.app import ConfigRecord
+
+    from fedmpt.apps.messages import Key, RecordName, from_array_record
+
+    if setup.config.mode is not Mode.MASKING:
+        raise SecureAggregationError(
+            f"got a masking stage '{stage}' but this run's secure-aggregation is {setup.config.mode}"
+        )
+    identity, roster = load_client_keys(setup.kit, setup.partition_id)
+    request = _payload_of(msg)
+    if stage == Stage.ADVERTISE:
+        participants = _peek_participants(request, setup.partition_id)
+        strangers = sorted(set(participants) - set(roster))
+        if strangers:
+            raise SecureAggregationError(f"ADVERTISE_REQUEST lists nodes {strangers} that are not in the roster")
+        mcfg = masking_config(setup.config, len(participants), setup.max_clients, setup.max_weight, setup.timeout_s)
+        state = masking.ClientState.create(mcfg, identity, roster)
+        out = masking.advertise_keys(state, request)  # checks the setup before any training is done
+        reply = plain_train(msg)
+        if reply.has_error():
+            return reply
+        if RecordName.ARRAYS not in reply.content.array_records:  # e.g. a DP node over its budget: no update
+            raise SecureAggregationError(
+                f"local training returned no update (metrics {dict(reply.content.metric_records)})"
+            )
+        local = from_array_record(reply.content.array_records[RecordName.ARRAYS])
+        global_arrays = from_array_record(msg.content.array_records[RecordName.ARRAYS])
+        if sorted(local) != sorted(global_arrays):
+            raise SecureAggregationError(
+                f"local state arrays {sorted(local)} differ from the global {sorted(global_arrays)}"
+            )
+        metrics = dict(reply.content.metric_records[RecordName.METRICS])
+        weight = int(metrics.pop(Key.NUM_EXAMPLES))  # travels only inside the masked vector
+        delta = flatten(local) - flatten(global_arrays)  # (d,)
+        metrics[SecAggKey.CLIPPED] = int(np.sum(np.abs(delta) > mcfg.clip_range))
+        context.state[STATE_RECORD] = ConfigRecord({"blob": pack_client_state(state, delta, weight)})
+        answer = _reply(msg, stage, out, metrics)
+        for name, record in reply.content.items():  # other records of the plain reply (e.g. a DP ledger entry)
+            if name not in (RecordName.ARRAYS, RecordName.METRICS, RecordName.CONFIG):
+                answer.content[name] = record
+        return answer
+    if STATE_RECORD not in context.state:
+        raise SecureAggregationError(f"stage '{stage}' arrived but this node holds no round state (no advertise stage)")
+    blob = context.state[STATE_RECORD]["blob"]  # type: ignore[index]
+    if not isinstance(blob, bytes):
+        raise SecureAggregationError("stored secure-aggregation state is not bytes")
+    # t is fixed by the participant list of the advertise stage, kept in the state
+    n = struct.unpack_from("<I", blob, 4 + 2 + 16 + 24 + 64 + 1 + wire.SECRET_BYTES)[0]
+    mcfg = masking_config(setup.config, n, setup.max_clients, setup.max_weight, setup.timeout_s)
+    state, delta, weight = unpack_client_state(blob, mcfg, identity, roster)
+    if stage == Stage.SHARE_KEYS:
+        out = masking.share_keys(state, request)
+    elif stage == Stage.MASKED_INPUT:
+        out = masking.masked_input(state, request, delta, weight)
+    elif stage == Stage.UNMASK:
+        out = masking.unmask(state, request)
+        del context.state[STATE_RECORD]
+        return _reply(msg, stage, out)
+    else:
+        raise SecureAggregationError(f"unknown secure-aggregation stage {stage!r}")
+    context.state[STATE_RECORD] = ConfigRecord({"blob": pack_client_state(state, delta, weight)})
+    return _reply(msg, stage, out)
+
+
+# ------------------------------------------------------------------------------------------ server side
+
+
+@dataclass
+class SecureRound:
+    """Outcome of one protected training round, for the server's round line.
+
+    ``arrays`` is the new global state, or None when the round failed (nothing is applied).
+    """
+
+    arrays: Arrays | None
+    replied: tuple[int, ...]
+    train_metrics: dict[str, dict[str, float]]
+    failures: list[ClientFailure]
+    bytes_down: int
+    bytes_up: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _StageReplies:
+    payloads: dict[int, bytes]
+    metrics: dict[int, dict[str, float]]
+    failures: list[ClientFailure]
+    bytes_down: int
+    bytes_up: int
+
+
+def _send_stage(
+    grid: Grid,
+    stage: Stage,
+    requests: Mapping[int, bytes],
+    node_of: Mapping[int, int],
+    server_round: int,
+    timeout_s: float,
+    arrays: Mapping[str, NDArray[Any]] | None = None,
+) -> _StageReplies:
+    """Send one stage's request bytes to each client (client id -> bytes); collect the reply bytes."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from fedmpt.apps.messages import Key, RecordName, to_array_record
+
+    record = to_array_record(arrays) if arrays is not None else None
+    messages = []
+    bytes_down = 0
+    for client_id, payload in sorted(requests.items()):
+        content = RecordDict(
+            {
+                RecordName.CONFIG: ConfigRecord(
+                    {Key.SERVER_ROUND: server_round, SecAggKey.STAGE: str(stage), SecAggKey.PAYLOAD: payload}
+                )
+            }
+        )
+        bytes_down += len(payload)
+        if record is not None:
+            content[RecordName.ARRAYS] = record
+            bytes_down += record.count_bytes()
+        messages.append(
+            Message(
+                content,
+                dst_node_id=node_of[client_id],
+                message_type=MessageType.TRAIN,
+                group_id=f"{server_round}-{stage}",
+            )
+        )
+    client_of = {node_of[c]: c for c in requests}
+    payloads: dict[int, bytes] = {}
+    metrics: dict[int, dict[str, float]] = {}
+    failures: list[ClientFailure] = []
+    answered: set[int] = set()
+    bytes_up = 0
+    for reply in grid.send_and_receive(messages, timeout=timeout_s):
+        node_id = reply.metadata.src_node_id
+        if node_id not in client_of or node_id in answered:
+            logger.warning("ignoring an unexpected %s reply from node %s", stage, node_id)
+            continue
+        answered.add(node_id)
+        client_id = client_of[node_id]
+        if reply.has_error():
+            failures.append(
+                ClientFailure(node_id, f"{stage}: error {reply.error.code}: {reply.error.reason}", client_id)
+            )
+            continue
+        config = reply.content.config_records.get(RecordName.CONFIG)
+        payload = None if config is None else config.get(SecAggKey.PAYLOAD)
+        if not isinstance(payload, bytes) or config is None or config.get(SecAggKey.STAGE) != stage:
+            failures.append(ClientFailure(node_id, f"{stage}: malformed reply (no {stage} payload)", client_id))
+            continue
+        payloads[client_id] = payload
+        bytes_up += len(payload)
+        metric_record = reply.content.metric_records.get(RecordName.METRICS)
+        if metric_record is not None:
+            metrics[client_id] = {k: float(v) for k, v in metric_record.items() if isinstance(v, int | float)}
+    for node_id, client_id in client_of.items():
+        if node_id not in answered:
+            failures.append(ClientFailure(node_id, f"{stage}: no reply within {timeout_s:g} s", client_id))
+    return _StageReplies(payloads, metrics, failures, bytes_down, bytes_up)
+
+
+class ServerSecureAggregation:
+    """The server's side of secure aggregation for one run: keys, and the stages of each training round.
+
+    Build it once per run with :meth:`create` (None when the mode is ``none``), then call
+    :meth:`train_round` instead of the plain ``train`` exchange + :func:`fedmpt.apps.task.aggregate`.
+    """
+
+    def __init__(self, config: SecureAggregationConfig, roster: Roster, max_clients: int, max_weight: int) -> None:
+        self.config = config
+        self.roster = roster
+        self.max_clients = max_clients
+        self.max_weight = max_weight
+
+    def __repr__(self) -> str:
+        return f"ServerSecureAggregation(mode={self.config.mode.value}, nodes={len(self.roster)})"
+
+    @classmethod
+    def create(cls, app_config: Any, run_path: Path) -> ServerSecureAggregation | None:
+        """From the :class:`~fedmpt.apps.config.AppConfig` and the run directory; None for mode ``none``.
+
+        Loads the roster from ``secagg-dir`` (the server needs no private key), or provisions a per-run kit
+        under ``run_path/secagg`` (simulation only, warned).
+        """
+        cfg: SecureAggregationConfig = app_config.secure_aggregation
+        if not cfg.enabled:
+            return None
+        num_clients = app_config.task.num_clients
+        if cfg.key_dir:
+            roster = load_roster(Path(cfg.key_dir).expanduser() / MASKING_DIR / ROSTER_FILE)
+        else:
+            roster = ensure_run_kit(Path(run_path) / RUN_KIT_DIR, num_clients)
+        missing = sorted(set(range(num_clients)) - set(roster))
+        if missing:
+            raise ConfigError(f"secure aggregation: the roster has no identity for partitions {missing}")
+        # fails here, before round 1, if the range and weights cannot fit the modulus
+        masking_config(cfg, num_clients, num_clients, app_config.task.train_per_client)
+        return cls(cfg, roster, num_clients, app_config.task.train_per_client)
+
+    def describe(self, n_participants: int) -> dict[str, Any]:
+        """The settings of a round with ``n_participants`` clients, for the round line and the resolved config."""
+        m = masking_config(self.config, n_participants, self.max_clients, self.max_weight)
+        return {
+            "threshold": m.threshold,
+            "neighbours": m.neighbourhood_size if m.neighbourhood_size is not None else "complete",
+            "modulus_bits": m.modulus_bits,
+            "clip_range": m.clip_range,
+            "scale": m.scale,
+            "max_weight": m.max_weight,
+        }
+
+    def train_round(
+        self,
+        grid: Grid,
+        targets: Mapping[int, int],
+        arrays: Mapping[str, NDArray[Any]],
+        server_round: int,
+        federation: Any,
+    ) -> SecureRound:
+        """One masked training round over ``targets`` (client id -> node id) from the global ``arrays``.
+
+        ``federation`` is the run's :class:`~fedmpt.apps.config.FederationConfig` (stage timeout
+        ``round-timeout-s``, ``min-clients``). Returns the new global state ``global + weighted mean delta`` of
+        the survivors, or ``arrays=None`` when fewer than t clients remain at some stage (``extra["status"] =
+        "secure-aggregation-failed"`` with the reason) or fewer than ``min-clients`` survive
+        (``"insufficient-replies"``): nothing is applied.
+        """
+        timeout_s = float(federation.round_timeout_s)
+        participants = sorted(targets)
+        mcfg = masking_config(self.config, len(participants), self.max_clients, self.max_weight, timeout_s)
+        d = int(sum(np.size(a) for a in arrays.values()))
+        started = time.monotonic()
+        extra: dict[str, Any] = {
+            "secure_aggregation": self.config.mode.value,
+            "secagg": self.describe(len(participants)),
+        }
+        failures: list[ClientFailure] = []
+        bytes_down = bytes_up = 0
+        metrics: dict[int, dict[str, float]] = {}
+        state, requests = masking.server_start_round(mcfg, participants, d, server_round, roster=self.roster)
+        stages: list[tuple[Stage, Callable[[masking.ServerState, Mapping[int, bytes]], Any]]] = [
+            (Stage.ADVERTISE, masking.server_collect_advertisements),
+            (Stage.SHARE_KEYS, masking.server_collect_shares),
+            (Stage.MASKED_INPUT, masking.server_collect_masked_inputs),
+            (Stage.UNMASK, masking.server_unmask),
+        ]
+        result: masking.AggregateResult | None = None
+        try:
+            for stage, collect in stages:
+                replies = _send_stage(
+                    grid,
+                    stage,
+                    requests,
+                    dict(targets),
+                    server_round,
+                    timeout_s,
+                    arrays if stage is Stage.ADVERTISE else None,
+                )
+                failures += replies.failures
+                bytes_down += replies.bytes_down
+                bytes_up += replies.bytes_up
+                if stage is Stage.ADVERTISE:  # training metrics come with the first stage
+                    metrics.update(replies.metrics)
+                outcome = collect(state, replies.payloads)
+                if stage is Stage.UNMASK:
+                    result = outcome
+                else:
+                    requests = outcome
+        except (ThresholdNotMet, SecAggError) as err:
+            extra["status"] = "secure-aggregation-failed"
+            extra["secagg"]["failure"] = f"{type(err).__name__}: {err}"
+            logger.error("round %d: secure aggregation failed, global state unchanged: %s", server_round, err)
+        for node, reason in sorted(state.rejected.items()):
+            failures.append(ClientFailure(targets[node], f"secure aggregation rejected a message: {reason}", node))
+        failures.sort(key=lambda f: (f.client_id if f.client_id is not None else -1, f.node_id))
+        extra["secagg"]["protocol_s"] = round(time.monotonic() - started, 3)
+        if result is None:
+            return SecureRound(None, (), {}, failures, bytes_down, bytes_up, extra)
+        new = flatten(arrays) + result.mean  # (d,) global + weighted mean delta
+        extra["secagg"].update(
+            error_bound=result.error_bound,
+            survivors=list(result.survivors),
+            dropped=list(result.dropped),
+            clipped_coordinates=int(sum(metrics.get(c, {}).get(SecAggKey.CLIPPED, 0) for c in result.survivors)),
+        )
+        survivors = set(result.survivors)
+        if len(survivors) < federation.min_clients:
+            extra["status"] = "insufficient-replies"
+            logger.warning(
+                "round %d: %d clients survived secure aggregation, min-clients is %d; global state unchanged",
+                server_round,
+                len(survivors),
+                federation.min_clients,
+            )
+            return SecureRound(None, (), {}, failures, bytes_down, bytes_up, extra)
+        train_metrics = {str(c): m for c, m in sorted(metrics.items()) if c in survivors}
+        return SecureRound(
+            unflatten(new, arrays), result.survivors, train_metrics, failures, bytes_down, bytes_up, extra
+        )
