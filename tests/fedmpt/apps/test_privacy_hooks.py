@@ -1,0 +1,273 @@
+"""DP inside the federation: per-node accountant and signed ledger across rounds, budgets, epsilon per round.
+
+Runs the real ServerApp round loop over the in-process grid of ``conftest.py`` (promptfl on the small task).
+Every epsilon is checked against an independent replay of the merged run ledger with Opacus's RDP analysis and
+dp_accounting's PLD accountant called directly (not through :mod:`privacy.accounting`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dp_accounting import dp_event
+from dp_accounting.pld import pld_privacy_accountant
+from flwr.app import ConfigRecord, RecordDict
+from opacus.accountants.analysis import rdp as opacus_rdp
+
+from fedmpt.apps import privacy_hooks
+from fedmpt.apps.client_app import build_client_app
+from fedmpt.apps.config import read_app_config
+from fedmpt.apps.server_app import run_federation
+from fedmpt.errors import ConfigError
+from privacy.accounting import RDP_ORDERS
+from privacy.errors import LedgerError
+from privacy.ledger import LedgerEntry, load_roster, verify_ledger
+
+NODES = {9001: 2, 17: 0, 555: 1}
+SIGMA = 1.1
+
+
+@pytest.fixture
+def config(tmp_path: Path, small_task: dict[str, Any]) -> Callable[..., dict[str, Any]]:
+    def make(**extra: Any) -> dict[str, Any]:
+        return {
+            "runs-dir": str(tmp_path),
+            "run-name": "dp",
+            "num-server-rounds": 3,
+            "seed": 5,
+            "num-clients": 3,
+            "method": "promptfl",
+            "dp": True,
+            "noise-multiplier": SIGMA,
+            "delta": 1e-3,
+            **small_task,
+            **extra,
+        }
+
+    return make
+
+
+def _lines(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _entries(path: Path) -> list[LedgerEntry]:
+    return [LedgerEntry.from_line(line) for line in path.read_bytes().splitlines()]
+
+
+def _rdp_replay(events: list[tuple[float, float, int]], delta: float) -> float:
+    """Opacus's RDP analysis, called directly, per event (no grouping)."""
+    total = [0.0] * len(RDP_ORDERS)
+    for sigma, q, steps in events:
+        rdp = opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(RDP_ORDERS))
+        total = [a + float(b) for a, b in zip(total, rdp, strict=True)]
+    return float(opacus_rdp.get_privacy_spent(orders=list(RDP_ORDERS), rdp=total, delta=delta)[0])
+
+
+def _pld_replay(events: list[tuple[float, float, int]], delta: float, interval: float) -> float:
+    """dp_accounting's PLD accountant, called directly, one composition per event."""
+    accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=interval)
+    for sigma, q, steps in events:
+        accountant.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+    return float(accountant.get_epsilon(delta))
+
+
+def _events_up_to(entries: list[LedgerEntry], node: str, server_round: int) -> list[tuple[float, float, int]]:
+    return [
+        (e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.node_id == node and e.round <= server_round
+    ]
+
+
+@pytest.mark.slow
+def test_dp_run_epsilon_matches_a_replay_of_the_merged_ledger(
+    config: Callable[..., dict[str, Any]], fake_grid: Callable[..., Any]
+) -> None:
+    cfg = config()
+    grid = fake_grid(build_client_app(), NODES, run_config=cfg)
+    run = run_federation(grid, read_app_config(cfg))
+    lines = _lines(run.path)
+    ledger_path = run.path / "epsilon_ledger.jsonl"
+    entries = _entries(ledger_path)
+    assert sorted((e.node_id, e.round) for e in entries) == [(str(k), r) for k in range(3) for r in (1, 2, 3)]
+    # n = 16 records, expected batch = batch-size 8: q = 1/2, floor(1/q) = 2 steps per round, sigma as given
+    assert {(e.noise_multiplier, e.sample_rate, e.steps) for e in entries} == {(SIGMA, 0.5, 2)}
+    previous = dict.fromkeys(("0", "1", "2"), 0.0)
+    for line in lines:
+        epsilon = line["epsilon"]
+        assert line["clients_replied"] == [0, 1, 2] and epsilon["delta"] == 1e-3 and epsilon["accountant"] == "rdp"
+        assert set(epsilon["clients"]) == {"0", "1", "2"}
+        for node, values in epsilon["clients"].items():
+            events = _events_up_to(entries, node, line["round"])
+            assert len(events) == line["round"]
+            assert values["epsilon_rdp"] == pytest.approx(_rdp_replay(events, 1e-3), rel=1e-9)
+            assert values["epsilon_pld"] == pytest.approx(_pld_replay(events, 1e-3, 1e-3), rel=1e-4)
+            assert values["epsilon_rdp"] > previous[node]
+            previous[node] = values["epsilon_rdp"]
+        assert epsilon["max_epsilon_rdp"] == max(v["epsilon_rdp"] for v in epsilon["clients"].values())
+        assert epsilon["max_epsilon_pld"] == max(v["epsilon_pld"] for v in epsilon["clients"].values())
+    roster = load_roster(run.path / "roster.json")
+    assert sorted(roster) == ["0", "1", "2"]
+    report = verify_ledger(ledger_path, roster)
+    assert report.ok, report.first_failure
+    # every node kept its own chain, identical to what the server merged
+    for k in range(3):
+        node_dir = run.path / "nodes" / f"node-{k}"
+        assert _entries(node_dir / "epsilon_ledger.jsonl") == [e for e in entries if e.node_id == str(k)]
+        assert (node_dir / "identity.pem").stat().st_mode & 0o777 == 0o600
+        state = json.loads(
+            str(
+                grid.contexts[[n for n, p in NODES.items() if p == k][0]].state.config_records[
+                    privacy_hooks.ACCOUNTANT_STATE
+                ][privacy_hooks.PrivacyKey.HISTORY]
+            )
+        )
+        assert state == [[SIGMA, 0.5, 2]] * 3
+
+
+def test_budget_exhausted_node_stops_and_the_others_go_on(
+    config: Callable[..., dict[str, Any]], fake_grid: Callable[..., Any]
+) -> None:
+    cfg = config(**{"num-server-rounds": 3, "min-clients": 2})
+    one_round = _rdp_replay([(SIGMA, 0.5, 2)], 1e-3)
+    two_rounds = _rdp_replay([(SIGMA, 0.5, 2)] * 2, 1e-3)
+    cap = (one_round + two_rounds) / 2  # room for exactly one round
+    expected_rounds = max(r for r in range(5) if _rdp_replay([(SIGMA, 0.5, 2)] * r, 1e-3) <= cap)
+    assert expected_rounds == 1
+    grid = fake_grid(build_client_app(), NODES, run_config=cfg)
+    grid.contexts[555].node_config["max-epsilon"] = cap  # partition 1's site budget
+    run = run_federation(grid, read_app_config(cfg))
+    lines = _lines(run.path)
+    assert [x["status"] for x in lines] == ["ok"] * 3
+    assert lines[0]["clients_replied"] == [0, 1, 2] and lines[0]["clients_failed"] == []
+    for line in lines[1:]:
+        assert line["clients_replied"] == [0, 2]
+        (failure,) = line["clients_failed"]
+        assert failure["client_id"] == 1 and failure["node_id"] == 555
+        assert failure["reason"] == f"budget exhausted (epsilon {one_round:.4g} of max {cap:.4g})"
+        assert line["epsilon"]["clients"]["1"]["epsilon_rdp"] == pytest.approx(one_round, rel=1e-9)
+    entries = _entries(run.path / "epsilon_ledger.jsonl")
+    assert [e.round for e in entries if e.node_id == "1"] == [1]
+    assert [e.round for e in entries if e.node_id == "0"] == [1, 2, 3]
+    assert verify_ledger(run.path / "epsilon_ledger.jsonl", load_roster(run.path / "roster.json")).ok
+
+
+def test_accountant_survives_a_restart_and_the_ledger_wins(
+    config: Callable[..., dict[str, Any]], fake_grid: Callable[..., Any]
+) -> None:
+    cfg = config(**{"num-server-rounds": 2})
+    first = fake_grid(build_client_app(), NODES, run_config=cfg, crash_at_call=4)  # dies in round 2's train
+    with pytest.raises(RuntimeError, match="simulated server crash"):
+        run_federation(first, read_app_config(cfg))
+    # resumed with new ClientApp objects: node 9001 keeps its context.state, node 17 lost it (a restarted
+    # SuperNode), node 555's state disagrees with its ledger; the ledger is authoritative in every case
+    second = fake_grid(build_client_app(), NODES, run_config={**cfg, "resume": True})
+    second.contexts[9001] = first.contexts[9001]
+    second.contexts[555].state.config_records[privacy_hooks.ACCOUNTANT_STATE] = ConfigRecord(
+        {privacy_hooks.PrivacyKey.HISTORY: json.dumps([[9.9, 0.5, 2]])}
+    )
+    run = run_federation(second, read_app_config({**cfg, "resume": True}))
+    lines = _lines(run.path)
+    assert [x["round"] for x in lines] == [1, 2]
+    expected = _rdp_replay([(SIGMA, 0.5, 2)] * 2, 1e-3)
+    assert set(lines[1]["epsilon"]["clients"]) == {"0", "1", "2"}
+    assert all(v["epsilon_rdp"] == pytest.approx(expected, rel=1e-9) for v in lines[1]["epsilon"]["clients"].values())
+    for node_id in NODES:
+        state = second.contexts[node_id].state.config_records[privacy_hooks.ACCOUNTANT_STATE]
+        assert json.loads(str(state[privacy_hooks.PrivacyKey.HISTORY])) == [[SIGMA, 0.5, 2]] * 2
+
+
+def test_tampered_node_ledger_is_detected(config: Callable[..., dict[str, Any]], fake_grid: Callable[..., Any]) -> None:
+    cfg = config(**{"num-server-rounds": 2})
+    with pytest.raises(RuntimeError, match="simulated server crash"):
+        run_federation(fake_grid(build_client_app(), NODES, run_config=cfg, crash_at_call=4), read_app_config(cfg))
+    run_dir = Path(cfg["runs-dir"]) / "dp"
+    node_ledger = run_dir / "nodes" / "node-2" / "epsilon_ledger.jsonl"
+    data = node_ledger.read_bytes()
+    assert data.count(b'"steps":2') == 1
+    node_ledger.write_bytes(data.replace(b'"steps":2', b'"steps":1'))  # understate the spent steps
+    assert not verify_ledger(node_ledger).ok
+    # the node refuses to open its edited ledger (under Flower the exception becomes the node's error reply)
+    resumed = {**cfg, "resume": True}
+    with pytest.raises(LedgerError, match="node-2/epsilon_ledger.jsonl, line 1: bad signature"):
+        run_federation(fake_grid(build_client_app(), NODES, run_config=resumed), read_app_config(resumed))
+
+
+def test_server_rejects_entries_not_signed_by_the_pinned_key(tmp_path: Path) -> None:
+    from privacy.accounting import DpSgdEvent
+    from privacy.ledger import Ledger, NodeIdentity, Release
+
+    ledger = privacy_hooks.RunLedger(tmp_path, privacy_hooks.PrivacyRunConfig(dp=True))
+    honest, forger = NodeIdentity.generate(), NodeIdentity.generate()
+    release = Release("run", "0", 1, DpSgdEvent(1.0, 0.5, 2), 1.0, 1e-5)
+    good = Ledger(tmp_path / "a.jsonl", honest).append(release)
+    forged = Ledger(tmp_path / "b.jsonl", forger).append(release)
+
+    def reply(entry: LedgerEntry, key_hex: str) -> Any:
+        from flwr.app import ConfigRecord, Message, Metadata
+
+        record = ConfigRecord(
+            {
+                privacy_hooks.PrivacyKey.NODE_ID: "0",
+                privacy_hooks.PrivacyKey.PUBLIC_KEY: key_hex,
+                privacy_hooks.PrivacyKey.ENTRIES: [entry.canonical_bytes().decode()],
+                privacy_hooks.PrivacyKey.STATUS: "trained",
+            }
+        )
+        metadata = Metadata(1, "m", 1, 0, "", "1", 0.0, 60.0, "train")
+        return Message(metadata=metadata, content=RecordDict({privacy_hooks.PRIVACY_RECORD: record}))
+
+    assert ledger.collect(reply(good, honest.public_key_hex)) is None
+    assert json.loads((tmp_path / "roster.json").read_text()) == {"0": honest.public_key_hex}
+    problem = ledger.collect(reply(forged, forger.public_key_hex))
+    assert problem is not None and "different from the one pinned" in problem
+    # the forger's entry under the honest key's name: signature check fails at merge
+    impostor = LedgerEntry(
+        **{
+            **forged.payload(),
+            "public_key": honest.public_key_hex,
+            "key_id": honest.key_id,
+            "signature": forged.signature,
+        }
+    )
+    problem = ledger.collect(reply(impostor, honest.public_key_hex))
+    assert problem is not None and problem.startswith("ledger rejected") and "bad signature" in problem
+    # a byte-edited line of the honest node (fewer steps claimed) fails its signature at merge
+    edited = LedgerEntry(
+        **{**good.payload(), "seq": 1, "steps": 1, "prev_hash": good.entry_hash(), "signature": good.signature}
+    )
+    problem = ledger.collect(reply(edited, honest.public_key_hex))
+    assert problem is not None and "bad signature" in problem
+    assert len(_entries(tmp_path / "epsilon_ledger.jsonl")) == 1
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("dp-mode", "fast", "'dp-mode' must be 'feature' or 'exact'"),
+        ("delta", 1.0, "'delta' must be a number in \\(0, 1\\)"),
+        ("noise-multiplier", -1.0, "'noise-multiplier' must be a finite number >= 0"),
+        ("target-epsilon", 0.0, "'target-epsilon' must be a finite number > 0"),
+        ("accountant", "pld", "'accountant' must be 'rdp' or 'prv'"),
+        ("expected-batch-size", -2, "'expected-batch-size' must be an integer >= 0"),
+        ("max-epsilon", math.inf, "'max-epsilon' must be a finite number >= 0"),
+        ("dp", 1, "'dp' must be true or false"),
+    ],
+)
+def test_bad_dp_keys_are_rejected_naming_the_key(key: str, value: Any, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        read_app_config({key: value})
+
+
+def test_calibrated_sigma_spends_at_most_the_target_over_all_rounds() -> None:
+    from fedmpt.training import TrainConfig
+    from privacy.dpsgd import plan_release
+
+    privacy = privacy_hooks.privacy_config_from({"dp": True, "target-epsilon": 2.0, "delta": 1e-3})
+    plan = plan_release(16, TrainConfig(batch_size=8), privacy.dp_config(rounds=5))
+    spent = _rdp_replay([(plan.event.noise_multiplier, 0.5, plan.event.steps)] * 5, 1e-3)
+    assert spent <= 2.0 and spent == pytest.approx(2.0, rel=0.05)
