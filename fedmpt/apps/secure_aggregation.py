@@ -570,7 +570,12 @@ def _client_masking_stage(
                 f"local state arrays {sorted(local)} differ from the global {sorted(global_arrays)}"
             )
         metrics = dict(reply.content.metric_records[RecordName.METRICS])
-        weight = int(metrics.pop(Key.NUM_EXAMPLES))  # travels only inside the masked vector
+        count = metrics.pop(Key.NUM_EXAMPLES, None)  # the weight travels only inside the masked vector
+        if not isinstance(count, int | float) or isinstance(count, bool) or count != int(count) or count < 1:
+            raise SecureAggregationError(
+                f"local training reported {Key.NUM_EXAMPLES} = {count!r}, need an integer >= 1"
+            )
+        weight = int(count)
         delta = flatten(local) - flatten(global_arrays)  # (d,)
         metrics[SecAggKey.CLIPPED] = int(np.sum(np.abs(delta) > mcfg.clip_range))
         context.state[STATE_RECORD] = ConfigRecord({"blob": pack_client_state(state, delta, weight)})
@@ -581,7 +586,7 @@ def _client_masking_stage(
         return answer
     if STATE_RECORD not in context.state:
         raise SecureAggregationError(f"stage '{stage}' arrived but this node holds no round state (no advertise stage)")
-    blob = context.state[STATE_RECORD]["blob"]  # type: ignore[index]
+    blob = context.state[STATE_RECORD]["blob"]
     if not isinstance(blob, bytes):
         raise SecureAggregationError("stored secure-aggregation state is not bytes")
     # t is fixed by the participant list of the advertise stage, kept in the state
@@ -686,12 +691,12 @@ def _send_stage(
             )
             continue
         config = reply.content.config_records.get(RecordName.CONFIG)
-        payload = None if config is None else config.get(SecAggKey.PAYLOAD)
-        if not isinstance(payload, bytes) or config is None or config.get(SecAggKey.STAGE) != stage:
+        answer = None if config is None else config.get(SecAggKey.PAYLOAD)
+        if not isinstance(answer, bytes) or config is None or config.get(SecAggKey.STAGE) != stage:
             failures.append(ClientFailure(node_id, f"{stage}: malformed reply (no {stage} payload)", client_id))
             continue
-        payloads[client_id] = payload
-        bytes_up += len(payload)
+        payloads[client_id] = answer
+        bytes_up += len(answer)
         metric_record = reply.content.metric_records.get(RecordName.METRICS)
         if metric_record is not None:
             metrics[client_id] = {k: float(v) for k, v in metric_record.items() if isinstance(v, int | float)}
