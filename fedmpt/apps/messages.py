@@ -13,6 +13,12 @@ Protocol of one round (message types are Flower's ``query``/``train``/``evaluate
   ``metrics`` = {``num-examples``, ``partition-id``, training metrics}.
 * ``evaluate``: ``arrays`` = global state, ``config`` = {``server-round``}; reply ``metrics`` = {``mAP``,
   ``CF1``, ``OF1``, ``num-examples``, ``partition-id``}.
+* ``train`` with ``secure-aggregation = "masking"`` (:mod:`fedmpt.apps.secure_aggregation`): four ``train``
+  exchanges per round, the stage named by ``secagg-stage`` (``advertise``, ``share-keys``, ``masked-input``,
+  ``unmask``) and the :mod:`secagg.wire` bytes in ``secagg-payload``, both in ``config``; only ``advertise``
+  carries ``arrays`` (the global state). Replies carry no arrays and no ``num-examples`` (the weight is inside
+  the masked vector): ``config`` = {``secagg-stage``, ``secagg-payload``}, and for ``advertise`` ``metrics`` =
+  the training metrics, ``partition-id`` and ``secagg-clipped``.
 """
 
 from __future__ import annotations
