@@ -29,6 +29,8 @@ def test_dp_simulation_then_report(tmp_path: Path, small_task: dict[str, Any]) -
         "dp": True,
         "noise-multiplier": 1.3,
         "delta": 1e-3,
+        # a budget that is never reached (privacy.report reads max-epsilon = 0, "no budget" here, as a budget of 0)
+        "max-epsilon": 50.0,
         **small_task,
     }
     path = run_local_simulation(overrides, num_supernodes=3)
