@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from fedmpt.apps import privacy_hooks, task
 from fedmpt.apps.config import AppConfig, read_app_config, read_node_config
 from fedmpt.apps.messages import Key, RecordName, from_array_record, to_array_record
-from fedmpt.apps.secure_aggregation import client_train
+from fedmpt.apps.secure_aggregation import client_evaluate, client_train
 
 
 def _client_data(context: Context, overrides: Mapping[str, Any]) -> tuple[AppConfig, int, task.ClientData]:
@@ -98,7 +98,8 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @client_app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        return evaluate(msg, context, fixed)
+        # a CKKS-encrypted global state is decrypted by fedmpt.apps.secure_aggregation first
+        return client_evaluate(msg, context, fixed, lambda m: evaluate(m, context, fixed))
 
     return client_app
 

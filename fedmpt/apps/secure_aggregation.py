@@ -59,6 +59,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import os
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -101,6 +102,13 @@ Arrays = dict[str, NDArray[Any]]
 MASKING_DIR = "masking"
 #: Sub-directory of the run directory used when ``secagg-dir`` is empty (simulation only).
 RUN_KIT_DIR = "secagg"
+#: Sub-directory of a provisioned kit holding the CKKS kits (``client/`` for nodes, ``server/`` for the server).
+CKKS_DIR = "ckks"
+#: CKKS clip range of a per-run kit: CKKS encrypts weighted *states*, whose parameters must lie within it.
+CKKS_STATE_RANGE = 64.0
+#: Names under which an encrypted global state travels in an ``ArrayRecord`` (evaluate messages, checkpoints).
+CKKS_AGGREGATE_ARRAY = "secagg.ckks-aggregate"
+CKKS_BINDING_ARRAY = "secagg.ckks-binding"
 #: Record in the node's ``context.state`` that holds the per-round protocol state.
 STATE_RECORD = "secagg-state"
 _STATE_MAGIC = b"FMCS"
@@ -122,6 +130,7 @@ class Stage(enum.StrEnum):
     SHARE_KEYS = "share-keys"
     MASKED_INPUT = "masked-input"
     UNMASK = "unmask"
+    CKKS = "ckks"  # the single CKKS train exchange: encrypted global state down, encrypted weighted state up
 
 
 class SecAggKey(enum.StrEnum):
@@ -129,6 +138,8 @@ class SecAggKey(enum.StrEnum):
 
     STAGE = "secagg-stage"
     PAYLOAD = "secagg-payload"
+    CKKS_RUN = "secagg-ckks-run"
+    CKKS_ROUND = "secagg-ckks-round"
     CLIPPED = "secagg-clipped"
 
 
@@ -172,11 +183,6 @@ class SecureAggregationConfig:
             raise ConfigError(
                 f"run config 'secure-aggregation' must be one of {[m.value for m in Mode]}, got {self.mode!r}"
             ) from None
-        if self.mode is Mode.CKKS:
-            raise ConfigError(
-                'run config \'secure-aggregation\' = "ckks" is not wired into the Flower apps yet; use "masking" '
-                "(the CKKS library is secagg.ckks)"
-            )
         if not isinstance(self.key_dir, str):
             raise ConfigError(f"run config 'secagg-dir' must be a string, got {self.key_dir!r}")
         t = self.threshold
@@ -301,11 +307,27 @@ def kit_dir(config: SecureAggregationConfig, runs_dir: str, run_name: str) -> Pa
     return Path(config.key_dir).expanduser() if config.key_dir else run_kit_dir(runs_dir, run_name)
 
 
-def ensure_run_kit(directory: Path, num_clients: int) -> Roster:
-    """Server, ``secagg-dir`` = "": provision identities for partitions 0..num_clients-1 once per run (reused on
-    resume) and return the roster. Writes the clients' private keys next to the run: simulation only."""
+def ensure_run_kit(directory: Path, num_clients: int, max_weight: int = 1, *, with_ckks: bool = False) -> Roster:
+    """Server, ``secagg-dir`` = "": provision identities for partitions 0..num_clients-1 (and, ``with_ckks``, the
+    CKKS kits for ``num_clients`` clients of weight <= ``max_weight`` and states within +-``CKKS_STATE_RANGE``)
+    once per run (reused on resume); returns the roster. Writes the clients' secrets next to the run: simulation
+    only."""
     masking_dir = directory / MASKING_DIR
     roster_path = masking_dir / ROSTER_FILE
+    ckks_dir = directory / CKKS_DIR
+    if with_ckks and not (ckks_dir / "server").exists():
+        from secagg import ckks
+        from secagg.config import CkksConfig
+
+        logger.warning(
+            "secure aggregation: provisioning per-run CKKS kits in %s, INCLUDING the clients' shared secret key; "
+            "this is only acceptable for the simulation",
+            ckks_dir,
+        )
+        ckks_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ckks.provision(
+            CkksConfig(max_clients=num_clients, max_weight=max_weight, clip_range=CKKS_STATE_RANGE), ckks_dir
+        )
     if roster_path.exists():
         return load_roster(roster_path)
     logger.warning(
@@ -482,6 +504,8 @@ class _ClientSetup:
     max_weight: int
     timeout_s: float
     kit: Path
+    task: Any  # fedmpt.apps.task.TaskConfig: the state's names and shapes come from its initial state
+    seed: int
 
 
 def _client_setup(context: Context, overrides: Mapping[str, Any]) -> _ClientSetup:
@@ -498,6 +522,8 @@ def _client_setup(context: Context, overrides: Mapping[str, Any]) -> _ClientSetu
         app.task.train_per_client,
         fed.round_timeout_s,
         kit_dir(cfg, fed.runs_dir, fed.run_name),
+        app.task,
+        fed.seed,
     )
 
 
@@ -516,12 +542,130 @@ def client_train(
         return plain_train(msg)
     try:
         setup = _client_setup(context, overrides)
+        if stage == Stage.CKKS:
+            return _client_ckks_train(msg, setup, plain_train)
         return _client_masking_stage(msg, context, setup, stage, plain_train)
     except (SecAggError, ConfigError, SecureAggregationError) as err:
         logger.warning("secure aggregation stage %s failed on this node: %s", stage, err)
         if STATE_RECORD in context.state:
             del context.state[STATE_RECORD]
         return _error_reply(msg, f"secure aggregation stage {stage}: {type(err).__name__}: {err}")
+
+
+def _load_client_kit(setup: _ClientSetup) -> tuple[Any, Any, bytes]:
+    from secagg import ckks
+
+    if setup.config.mode is not Mode.CKKS:
+        raise SecureAggregationError(f"got a CKKS message but this run's secure-aggregation is {setup.config.mode}")
+    return ckks.load_kit(setup.kit / CKKS_DIR / "client")
+
+
+def _decrypt_state(
+    setup: _ClientSetup, kit: tuple[Any, Any, bytes], data: bytes, run_id: bytes, round_number: int
+) -> Arrays:
+    """The global state from an encrypted aggregate (names and shapes from the task's initial state)."""
+    from fedmpt.apps import task
+    from secagg import ckks
+
+    context, cfg, key_id = kit
+    result = ckks.decrypt_aggregate(context, cfg, data, run_id=run_id, round_number=round_number, key_id=key_id)
+    return unflatten(result.mean, task.initial_arrays(setup.task, setup.seed))
+
+
+def _client_ckks_train(msg: Message, setup: _ClientSetup, plain_train: Callable[[Message], Message]) -> Message:
+    """CKKS: decrypt the global state (if encrypted), train, reply with Enc(w * local state) and no plain weight."""
+    from fedmpt.apps.messages import Key, RecordName, from_array_record, to_array_record
+    from secagg import ckks
+
+    kit = _load_client_kit(setup)
+    config = msg.content.config_records[RecordName.CONFIG]
+    server_round = int(config[Key.SERVER_ROUND])  # type: ignore[arg-type]
+    run_id = config.get(SecAggKey.CKKS_RUN)
+    if not isinstance(run_id, bytes):
+        raise SecureAggregationError(f"CKKS train message without '{SecAggKey.CKKS_RUN}'")
+    payload = _payload_of(msg)
+    if payload:  # the encrypted global state of the previous aggregation (round secagg-ckks-round)
+        state_round = int(config[SecAggKey.CKKS_ROUND])  # type: ignore[arg-type]
+        msg.content[RecordName.ARRAYS] = to_array_record(_decrypt_state(setup, kit, payload, run_id, state_round))
+    elif RecordName.ARRAYS not in msg.content.array_records:
+        raise SecureAggregationError("CKKS train message carries neither an encrypted nor a plain global state")
+    reply = plain_train(msg)
+    if reply.has_error():
+        return reply
+    if RecordName.ARRAYS not in reply.content.array_records:  # e.g. a DP node over its budget: no update
+        raise SecureAggregationError(
+            f"local training returned no update (metrics {dict(reply.content.metric_records)})"
+        )
+    local = from_array_record(reply.content.array_records[RecordName.ARRAYS])
+    metrics = dict(reply.content.metric_records[RecordName.METRICS])
+    weight = _weight_from(metrics)
+    context_, cfg, key_id = kit
+    vector = flatten(local)  # (d,)
+    metrics[SecAggKey.CLIPPED] = int(np.sum(np.abs(vector) > cfg.clip_range))
+    upload = ckks.encrypt_update(
+        context_,
+        cfg,
+        vector,
+        weight,
+        run_id=run_id,
+        round_number=server_round,
+        sender=setup.partition_id,
+        key_id=key_id,
+    )
+    return _forward_records(reply, _reply(msg, Stage.CKKS, upload, metrics))
+
+
+def _weight_from(metrics: dict[str, Any]) -> int:
+    from fedmpt.apps.messages import Key
+
+    count = metrics.pop(Key.NUM_EXAMPLES, None)  # the weight travels only inside the protected vector
+    if not isinstance(count, int | float) or isinstance(count, bool) or count != int(count) or count < 1:
+        raise SecureAggregationError(f"local training reported {Key.NUM_EXAMPLES} = {count!r}, need an integer >= 1")
+    return int(count)
+
+
+def _forward_records(plain: Message, answer: Message) -> Message:
+    """Copy the plain reply's other records (e.g. a DP ledger entry) into the protected reply."""
+    from fedmpt.apps.messages import RecordName
+
+    for name, record in plain.content.items():
+        if name not in (RecordName.ARRAYS, RecordName.METRICS, RecordName.CONFIG):
+            answer.content[name] = record
+    return answer
+
+
+def client_evaluate(
+    msg: Message, context: Context, overrides: Mapping[str, Any], plain_evaluate: Callable[[Message], Message]
+) -> Message:
+    """The ClientApp's ``evaluate`` handler: an encrypted global state (CKKS) is decrypted first, then evaluated by
+    ``plain_evaluate`` on this client's own test split; a plain state goes straight to ``plain_evaluate``."""
+    from fedmpt.apps.messages import RecordName, from_array_record, to_array_record
+
+    record = msg.content.array_records.get(RecordName.ARRAYS)
+    if record is None or CKKS_AGGREGATE_ARRAY not in record:
+        return plain_evaluate(msg)
+    try:
+        setup = _client_setup(context, overrides)
+        arrays = from_array_record(record)
+        run_id, round_number = _unbind(arrays[CKKS_BINDING_ARRAY])
+        state = _decrypt_state(
+            setup, _load_client_kit(setup), arrays[CKKS_AGGREGATE_ARRAY].tobytes(), run_id, round_number
+        )
+    except (SecAggError, ConfigError, SecureAggregationError) as err:
+        return _error_reply(msg, f"secure aggregation (evaluate): {type(err).__name__}: {err}")
+    msg.content[RecordName.ARRAYS] = to_array_record(state)
+    return plain_evaluate(msg)
+
+
+def _bind(run_id: bytes, round_number: int) -> NDArray[np.uint8]:
+    return np.frombuffer(run_id + struct.pack("<Q", round_number), dtype=np.uint8).copy()
+
+
+def _unbind(binding: NDArray[Any]) -> tuple[bytes, int]:
+    raw = np.asarray(binding, dtype=np.uint8).tobytes()
+    if len(raw) != 24:
+        raise SecureAggregationError(f"CKKS state binding must be 24 bytes, got {len(raw)}")
+    return raw[:16], int(struct.unpack("<Q", raw[16:])[0])
 
 
 def _peek_participants(request: bytes, node_id: int) -> tuple[int, ...]:
@@ -540,7 +684,7 @@ def _client_masking_stage(
 ) -> Message:
     from flwr.app import ConfigRecord
 
-    from fedmpt.apps.messages import Key, RecordName, from_array_record
+    from fedmpt.apps.messages import RecordName, from_array_record
 
     if setup.config.mode is not Mode.MASKING:
         raise SecureAggregationError(
@@ -570,20 +714,11 @@ def _client_masking_stage(
                 f"local state arrays {sorted(local)} differ from the global {sorted(global_arrays)}"
             )
         metrics = dict(reply.content.metric_records[RecordName.METRICS])
-        count = metrics.pop(Key.NUM_EXAMPLES, None)  # the weight travels only inside the masked vector
-        if not isinstance(count, int | float) or isinstance(count, bool) or count != int(count) or count < 1:
-            raise SecureAggregationError(
-                f"local training reported {Key.NUM_EXAMPLES} = {count!r}, need an integer >= 1"
-            )
-        weight = int(count)
+        weight = _weight_from(metrics)  # travels only inside the masked vector
         delta = flatten(local) - flatten(global_arrays)  # (d,)
         metrics[SecAggKey.CLIPPED] = int(np.sum(np.abs(delta) > mcfg.clip_range))
         context.state[STATE_RECORD] = ConfigRecord({"blob": pack_client_state(state, delta, weight)})
-        answer = _reply(msg, stage, out, metrics)
-        for name, record in reply.content.items():  # other records of the plain reply (e.g. a DP ledger entry)
-            if name not in (RecordName.ARRAYS, RecordName.METRICS, RecordName.CONFIG):
-                answer.content[name] = record
-        return answer
+        return _forward_records(reply, _reply(msg, stage, out, metrics))
     if STATE_RECORD not in context.state:
         raise SecureAggregationError(f"stage '{stage}' arrived but this node holds no round state (no advertise stage)")
     blob = context.state[STATE_RECORD]["blob"]
@@ -672,7 +807,17 @@ def _send_stage(
                 group_id=f"{server_round}-{stage}",
             )
         )
-    client_of = {node_of[c]: c for c in requests}
+    replies = _collect(grid, messages, stage, {c: node_of[c] for c in requests}, timeout_s)
+    return _StageReplies(replies.payloads, replies.metrics, replies.failures, bytes_down, replies.bytes_up)
+
+
+def _collect(
+    grid: Grid, messages: list[Message], stage: Stage, node_of: Mapping[int, int], timeout_s: float
+) -> _StageReplies:
+    """Send ``messages`` and collect each client's reply payload of ``stage`` (``bytes_down`` is left 0)."""
+    from fedmpt.apps.messages import RecordName
+
+    client_of = {node: c for c, node in node_of.items()}
     payloads: dict[int, bytes] = {}
     metrics: dict[int, dict[str, float]] = {}
     failures: list[ClientFailure] = []
@@ -703,7 +848,7 @@ def _send_stage(
     for node_id, client_id in client_of.items():
         if node_id not in answered:
             failures.append(ClientFailure(node_id, f"{stage}: no reply within {timeout_s:g} s", client_id))
-    return _StageReplies(payloads, metrics, failures, bytes_down, bytes_up)
+    return _StageReplies(payloads, metrics, failures, 0, bytes_up)
 
 
 class ServerSecureAggregation:
@@ -718,6 +863,11 @@ class ServerSecureAggregation:
         self.roster = roster
         self.max_clients = max_clients
         self.max_weight = max_weight
+        # CKKS only: the server context (no secret key), its parameters and key id, and the encrypted global state
+        self._ckks: tuple[Any, Any, bytes] | None = None
+        self.run_id = os.urandom(16)
+        self.encrypted: bytes | None = None
+        self.encrypted_round = 0
 
     def __repr__(self) -> str:
         return f"ServerSecureAggregation(mode={self.config.mode.value}, nodes={len(self.roster)})"
@@ -732,11 +882,15 @@ class ServerSecureAggregation:
         cfg: SecureAggregationConfig = app_config.secure_aggregation
         if not cfg.enabled:
             return None
-        num_clients = app_config.task.num_clients
-        if cfg.key_dir:
-            roster = load_roster(Path(cfg.key_dir).expanduser() / MASKING_DIR / ROSTER_FILE)
-        else:
-            roster = ensure_run_kit(Path(run_path) / RUN_KIT_DIR, num_clients)
+        num_clients, max_weight = app_config.task.num_clients, app_config.task.train_per_client
+        kit = Path(cfg.key_dir).expanduser() if cfg.key_dir else Path(run_path) / RUN_KIT_DIR
+        if not cfg.key_dir:
+            ensure_run_kit(kit, num_clients, max_weight, with_ckks=cfg.mode is Mode.CKKS)
+        if cfg.mode is Mode.CKKS:
+            server = cls(cfg, Roster({}), num_clients, max_weight)
+            server._load_ckks(kit / CKKS_DIR / "server")
+            return server
+        roster = load_roster(kit / MASKING_DIR / ROSTER_FILE)
         missing = sorted(set(range(num_clients)) - set(roster))
         if missing:
             raise ConfigError(f"secure aggregation: the roster has no identity for partitions {missing}")
@@ -744,8 +898,74 @@ class ServerSecureAggregation:
         masking_config(cfg, num_clients, num_clients, app_config.task.train_per_client)
         return cls(cfg, roster, num_clients, app_config.task.train_per_client)
 
+    def _load_ckks(self, server_kit: Path) -> None:
+        from secagg import ckks
+
+        context, cfg, key_id = ckks.load_kit(server_kit)
+        if context.is_private():
+            raise ConfigError(f"{server_kit} holds the CKKS secret key; the server must get the server kit only")
+        if cfg.max_clients < self.max_clients or cfg.max_weight < self.max_weight:
+            raise ConfigError(
+                f"CKKS kit {server_kit} is sized for {cfg.max_clients} clients of weight <= {cfg.max_weight}; the run "
+                f"needs {self.max_clients} clients of weight <= {self.max_weight} (train-per-client): provision with "
+                "--ckks-max-clients/--ckks-max-weight"
+            )
+        self._ckks = (context, cfg, key_id)
+
+    @property
+    def encrypted_model(self) -> bool:
+        """CKKS: the server holds only the encrypted global state, so clients evaluate it (federated evaluation)."""
+        return self.config.mode is Mode.CKKS
+
+    def outgoing(self, arrays: Mapping[str, NDArray[Any]]) -> Mapping[str, NDArray[Any]]:
+        """What the server sends to evaluators and checkpoints: ``arrays``, or (CKKS, once aggregated) the
+        encrypted global state as uint8 arrays (ciphertext and its run/round binding)."""
+        if self.encrypted is None:
+            return arrays
+        return {
+            CKKS_AGGREGATE_ARRAY: np.frombuffer(self.encrypted, dtype=np.uint8).copy(),
+            CKKS_BINDING_ARRAY: _bind(self.run_id, self.encrypted_round),
+        }
+
+    def restore(self, arrays: Mapping[str, NDArray[Any]]) -> Arrays:
+        """Resume: take back an encrypted global state from a checkpoint written via :meth:`outgoing`."""
+        if CKKS_AGGREGATE_ARRAY in arrays:
+            if not self.encrypted_model:
+                raise ConfigError("the checkpoint holds a CKKS-encrypted state but this run is not in mode 'ckks'")
+            self.run_id, self.encrypted_round = _unbind(arrays[CKKS_BINDING_ARRAY])
+            self.encrypted = np.asarray(arrays[CKKS_AGGREGATE_ARRAY], dtype=np.uint8).tobytes()
+        return dict(arrays)
+
+    @staticmethod
+    def federated_metrics(client_metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+        """Global metrics of an encrypted model: the example-weighted mean of the clients' metrics on their own
+        test splits (``num_examples`` is their sum)."""
+        weights = {c: float(m.get("num_examples", 0.0)) for c, m in client_metrics.items()}
+        total = sum(weights.values())
+        if total <= 0:
+            return {}
+        keys = sorted({k for m in client_metrics.values() for k in m} - {"num_examples", "partition-id"})
+        out = {
+            k: sum(weights[c] * float(m[k]) for c, m in client_metrics.items() if k in m) / total
+            for k in keys
+            if all(k in m for m in client_metrics.values())
+        }
+        out["num_examples"] = total
+        return out
+
     def describe(self, n_participants: int) -> dict[str, Any]:
         """The settings of a round with ``n_participants`` clients, for the round line and the resolved config."""
+        if self._ckks is not None:
+            _, cfg, key_id = self._ckks
+            return {
+                "scheme": "CKKS (TenSEAL)",
+                "poly_modulus_degree": cfg.poly_modulus_degree,
+                "coeff_mod_bit_sizes": list(cfg.coeff_mod_bit_sizes),
+                "scale_bits": cfg.scale_bits,
+                "clip_range": cfg.clip_range,
+                "max_weight": cfg.max_weight,
+                "key_id": key_id.hex(),
+            }
         m = masking_config(self.config, n_participants, self.max_clients, self.max_weight)
         return {
             "threshold": m.threshold,
@@ -773,6 +993,8 @@ class ServerSecureAggregation:
         (``"insufficient-replies"``): nothing is applied.
         """
         timeout_s = float(federation.round_timeout_s)
+        if self._ckks is not None:
+            return self._ckks_round(grid, targets, arrays, server_round, federation)
         participants = sorted(targets)
         mcfg = masking_config(self.config, len(participants), self.max_clients, self.max_weight, timeout_s)
         d = int(sum(np.size(a) for a in arrays.values()))
@@ -844,3 +1066,77 @@ class ServerSecureAggregation:
         return SecureRound(
             unflatten(new, arrays), result.survivors, train_metrics, failures, bytes_down, bytes_up, extra
         )
+
+    def _ckks_round(
+        self,
+        grid: Grid,
+        targets: Mapping[int, int],
+        arrays: Mapping[str, NDArray[Any]],
+        server_round: int,
+        federation: Any,
+    ) -> SecureRound:
+        """One CKKS round: the encrypted global state (or, before the first aggregation, the public initial state)
+        down; Enc(w * local state) up; the server adds the ciphertexts with its key-less context and keeps the sum
+        as the new encrypted global state (``arrays`` of the result stays None: the server cannot read it)."""
+        from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+        from fedmpt.apps.messages import Key, RecordName, to_array_record
+        from secagg import ckks
+
+        assert self._ckks is not None  # internal: only called in mode ckks
+        context, cfg, key_id = self._ckks
+        timeout_s = float(federation.round_timeout_s)
+        started = time.monotonic()
+        extra: dict[str, Any] = {
+            "secure_aggregation": self.config.mode.value,
+            "secagg": self.describe(len(targets)),
+            "evaluation": "federated",
+        }
+        plain = to_array_record(arrays) if self.encrypted is None else None
+        messages, bytes_down = [], 0
+        for node_id in (targets[c] for c in sorted(targets)):
+            config = ConfigRecord(
+                {
+                    Key.SERVER_ROUND: server_round,
+                    SecAggKey.STAGE: str(Stage.CKKS),
+                    SecAggKey.PAYLOAD: self.encrypted or b"",
+                    SecAggKey.CKKS_RUN: self.run_id,
+                    SecAggKey.CKKS_ROUND: self.encrypted_round,
+                }
+            )
+            content = RecordDict({RecordName.CONFIG: config})
+            bytes_down += len(self.encrypted or b"")
+            if plain is not None:
+                content[RecordName.ARRAYS] = plain
+                bytes_down += plain.count_bytes()
+            messages.append(
+                Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN, group_id=f"{server_round}-ckks")
+            )
+        replies = _collect(grid, messages, Stage.CKKS, dict(targets), timeout_s)
+        failures = list(replies.failures)
+        if len(replies.payloads) < federation.min_clients:
+            extra["status"] = "insufficient-replies"
+            logger.warning(
+                "round %d: %d CKKS uploads, min-clients is %d; global state unchanged",
+                server_round,
+                len(replies.payloads),
+                federation.min_clients,
+            )
+            return SecureRound(None, (), {}, failures, bytes_down, replies.bytes_up, extra)
+        try:
+            aggregate = ckks.aggregate(
+                context, cfg, replies.payloads, run_id=self.run_id, round_number=server_round, key_id=key_id
+            )
+        except SecAggError as err:
+            extra["status"] = "secure-aggregation-failed"
+            extra["secagg"]["failure"] = f"{type(err).__name__}: {err}"
+            logger.error("round %d: CKKS aggregation failed, global state unchanged: %s", server_round, err)
+            return SecureRound(None, (), {}, failures, bytes_down, replies.bytes_up, extra)
+        self.encrypted, self.encrypted_round = aggregate, server_round
+        replied = tuple(sorted(replies.payloads))
+        extra["secagg"]["protocol_s"] = round(time.monotonic() - started, 3)
+        extra["secagg"]["clipped_coordinates"] = int(
+            sum(replies.metrics.get(c, {}).get(SecAggKey.CLIPPED, 0) for c in replied)
+        )
+        train_metrics = {str(c): m for c, m in sorted(replies.metrics.items()) if c in replies.payloads}
+        return SecureRound(None, replied, train_metrics, failures, bytes_down, replies.bytes_up, extra)

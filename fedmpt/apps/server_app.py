@@ -254,6 +254,7 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
     if run_ledger is not None:  # collects and verifies the nodes' signed epsilon ledger entries
         grid = run_ledger.wrap(grid)
     secure = ServerSecureAggregation.create(config, run.path)  # None unless secure-aggregation is on
+    arrays = secure.restore(arrays) if secure is not None else arrays  # CKKS: a checkpoint holds ciphertext
     for server_round in range(point.round + 1, fed.num_server_rounds + 1):
         started = time.monotonic()
         node_ids = _wait_for_nodes(grid, fed.min_clients, fed.wait_for_clients_s)
@@ -302,20 +303,25 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
                 len(targets),
                 fed.min_clients,
             )
-        global_metrics = task.evaluate(arrays, global_test, config.task, run_seed=fed.seed)
+        encrypted = secure is not None and secure.encrypted_model  # CKKS: only clients can decrypt and evaluate
+        global_metrics = {} if encrypted else task.evaluate(arrays, global_test, config.task, run_seed=fed.seed)
         eval_chosen = _evaluation_sample(len(client_ids), fed.fraction_evaluate, server_round, fed.seed)
         eval_targets = {client_ids[i]: available[client_ids[i]] for i in eval_chosen}
         eval_replies, eval_failures, eval_bytes = _exchange(
             grid,
             MessageType.EVALUATE,
             eval_targets,
-            to_array_record(arrays),
+            to_array_record(secure.outgoing(arrays) if secure is not None else arrays),
             server_round,
             fed.round_timeout_s,
             None,
         )
         if eval_failures:
             extra["evaluate_failed"] = [f.to_json() for f in eval_failures]
+        if encrypted:  # global metrics = example-weighted mean of the clients' metrics on their own test splits
+            global_metrics = ServerSecureAggregation.federated_metrics(
+                {str(r.client_id): r.metrics for r in eval_replies}
+            )
         record = RoundRecord(
             round=server_round,
             wall_time_s=time.monotonic() - started,
@@ -331,7 +337,7 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
         )
         run.complete_round(
             record,
-            arrays,
+            secure.outgoing(arrays) if secure is not None else arrays,  # CKKS: the encrypted state
             rng_state={
                 "sampler": "sample_participants(seed, round)",
                 "seed": fed.seed,
@@ -339,7 +345,7 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
             },
         )
         logger.info("%s", _format_progress(record, fed.num_server_rounds))
-    run.finish(arrays)
+    run.finish(secure.outgoing(arrays) if secure is not None else arrays)
     logger.info("fedmpt run finished: %s", run.path.resolve())
     return run
 

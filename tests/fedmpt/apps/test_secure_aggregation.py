@@ -54,7 +54,6 @@ FLOAT32_SLACK = 1e-6
     ("values", "match"),
     [
         ({"mode": "secret"}, "secure-aggregation"),
-        ({"mode": "ckks"}, "not wired"),
         ({"mode": "masking", "threshold": 1}, "secagg-threshold"),
         ({"mode": "masking", "threshold": -2}, "secagg-threshold"),
         ({"mode": "masking", "neighbours": 3}, "secagg-neighbours"),
@@ -353,3 +352,52 @@ def test_nothing_the_server_receives_correlates_with_a_client_update(
     control = MaskingConfig(threshold=2, clip_range=1.0, scale=scale, max_weight=max_weight)
     plain = to_signed(encode(deltas[0], max_weight, control), 32)[:d].astype(np.float64)
     assert np.corrcoef(plain, deltas[0])[0, 1] > 0.99
+
+
+# ------------------------------------------------------------------------------------------ CKKS
+
+
+@pytest.mark.slow
+def test_ckks_run_matches_fedavg_and_the_server_holds_only_ciphertext(
+    config: Callable[..., dict[str, Any]], fake_grid: Callable[..., Any], fedavg_oracle: Callable[..., Any]
+) -> None:
+    """Clients decrypt, train and upload Enc(w * state); the server adds ciphertexts with a key-less context and
+    checkpoints the encrypted state; clients evaluate it (federated evaluation)."""
+    from fedmpt.apps.secure_aggregation import CKKS_AGGREGATE_ARRAY, CKKS_BINDING_ARRAY, ServerSecureAggregation
+    from secagg import ckks
+
+    cfg = config(**{"secure-aggregation": "ckks", "num-server-rounds": 2})
+    grid = _stage_grid(fake_grid)(build_client_app(), NODES, run_config=cfg)
+    run = run_federation(grid, read_app_config(cfg))
+    lines = _lines(run.path)
+    for line in lines:
+        assert line["status"] == "ok" and line["secure_aggregation"] == "ckks" and line["evaluation"] == "federated"
+        assert line["clients_replied"] == [0, 1, 2]
+        # global metrics = example-weighted mean of the clients' own-split metrics (all splits have 8 examples)
+        expected_map = np.mean([line["clients"][c]["mAP"] for c in ("0", "1", "2")])
+        assert line["global"]["mAP"] == pytest.approx(expected_map, abs=1e-12)
+    # every train reply the server received: no arrays, no example count
+    for reply in grid.received:
+        if _stage(reply) == Stage.CKKS:
+            assert RecordName.ARRAYS not in reply.content.array_records
+            assert "num-examples" not in reply.content.metric_records.get(RecordName.METRICS, {})
+    final = load_file(str(run.path / "final.safetensors"))
+    assert set(final) == {CKKS_AGGREGATE_ARRAY, CKKS_BINDING_ARRAY}  # the server never had the model in the clear
+    server_context, _, _ = ckks.load_kit(run.path / "secagg" / "ckks" / "server")
+    assert not server_context.is_private()
+    context, ckks_config, key_id = ckks.load_kit(run.path / "secagg" / "ckks" / "client")
+    binding = final[CKKS_BINDING_ARRAY].tobytes()
+    result = ckks.decrypt_aggregate(
+        context,
+        ckks_config,
+        final[CKKS_AGGREGATE_ARRAY].tobytes(),
+        run_id=binding[:16],
+        round_number=int.from_bytes(binding[16:], "little"),
+        key_id=key_id,
+    )
+    assert result.n_clients == 3 and result.total_weight == 48
+    expected = fedavg_oracle(cfg, [0, 1, 2], 3, rounds=2)
+    decrypted = unflatten(result.mean, expected)
+    # CKKS noise: float-mode heuristic bound n * 2**(16 - 40) / W per round, plus float32 rounding of the state
+    _assert_close_to_oracle(decrypted, expected, 2 * result.error_bound)
+    assert ServerSecureAggregation.federated_metrics({}) == {}
