@@ -19,6 +19,11 @@ Protocol of one round (message types are Flower's ``query``/``train``/``evaluate
   carries ``arrays`` (the global state). Replies carry no arrays and no ``num-examples`` (the weight is inside
   the masked vector): ``config`` = {``secagg-stage``, ``secagg-payload``}, and for ``advertise`` ``metrics`` =
   the training metrics, ``partition-id`` and ``secagg-clipped``.
+* ``train`` with ``secure-aggregation = "ckks"``: one exchange, ``secagg-stage`` = ``ckks``; ``config`` also holds
+  ``secagg-payload`` (the encrypted global state, empty before the first aggregation, when ``arrays`` carries the
+  public initial state), ``secagg-ckks-run`` and ``secagg-ckks-round`` (what that ciphertext is bound to); the
+  reply's ``secagg-payload`` is the client's CKKS upload. ``evaluate`` then carries the ciphertext as uint8
+  arrays ``secagg.ckks-aggregate`` and ``secagg.ckks-binding`` instead of the state.
 """
 
 from __future__ import annotations

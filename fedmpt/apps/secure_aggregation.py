@@ -22,7 +22,21 @@ Selected by the run config key ``secure-aggregation``:
   (``sum_u w_u local_u / sum_u w_u``) up to the quantization error bound below. Protocol node ids are the
   clients' partition ids (the provisioned identities ``identity_<partition>.key``), not Flower node ids.
 
-* ``"ckks"``: reserved for CKKS (TenSEAL) aggregation; not wired into the apps yet (rejected by the config).
+* ``"ckks"``: CKKS (TenSEAL, :mod:`secagg.ckks`). One ``train`` exchange per round (``secagg-stage`` =
+  ``ckks``): the server sends the *encrypted* global state (before the first aggregation: the public initial
+  state in the clear); each client decrypts it with the shared client kit, trains (plain ``train`` handler) and
+  uploads Enc(w_u * local_u) with the slots [w_u, 1]; the server adds the ciphertexts with its key-less context
+  (:func:`secagg.ckks.aggregate`) and keeps the sum as the new encrypted global state: decrypted it is
+  ``sum_u w_u local_u / sum_u w_u``, FedAvg itself. Clients encrypt the weighted *state* rather than the delta, so
+  that the encrypted aggregate is self-contained (a client that missed rounds can still decrypt the current
+  model); CKKS float encoding has an absolute error ~``n * 2**(16 - scale_bits) / W`` whatever the magnitude, so
+  only the overflow headroom limits the range (the per-run kit clips states to +-64: ``CKKS_STATE_RANGE``;
+  ``secagg-clip-range`` is not used). The server cannot read the model: it checkpoints the ciphertext
+  (:meth:`ServerSecureAggregation.outgoing`), evaluate messages carry the ciphertext, every evaluating client
+  decrypts and evaluates on its own test split, and the round's ``global`` metrics are the example-weighted mean
+  of those (``extra["evaluation"] = "federated"``). Trust: every client holds the one secret key; the server
+  colluding with any client reads every upload (``docs/secure_aggregation.md`` section 5.1). Decrypted models
+  never go back to the server; only coarse evaluation metrics derived from them do.
 
 **Range and scale (masking).** The update vector is the delta (local - global), flattened in the sorted order
 of the array names, so a modest clip range ``secagg-clip-range`` = c (default 1.0) covers it: one local epoch
@@ -44,9 +58,10 @@ The default is honest-but-curious security; against an active server set t > 2n/
 ``docs/secure_aggregation.md`` section 3).
 
 **Keys.** ``secagg-dir`` is a directory written by ``fedmpt secagg provision`` (``masking/roster.bin``,
-``masking/identity_<partition>.key``). Empty (the default) provisions a fresh kit per run into
-``<run_dir>/secagg/`` **on the server's machine, client secrets included**: acceptable only for the
-simulation, where server and clients share a disk; a warning says so.
+``masking/identity_<partition>.key``; with ``--ckks`` also ``ckks/client`` for the nodes and ``ckks/server``
+for the server, sized with ``--ckks-max-weight`` >= ``train-per-client``). Empty (the default) provisions a
+fresh kit per run into ``<run_dir>/secagg/`` **on the server's machine, client secrets included**: acceptable
+only for the simulation, where server and clients share a disk; a warning says so.
 
 **Client state between stages.** Flower may run each message in a new ClientApp process, so the per-round
 protocol state (round X25519 keys, the self-mask seed, held shares, the delta) is kept in the node's
