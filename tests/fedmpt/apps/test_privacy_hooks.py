@@ -219,7 +219,7 @@ def test_server_rejects_entries_not_signed_by_the_pinned_key(tmp_path: Path) -> 
             }
         )
         metadata = Metadata(1, "m", 1, 0, "", "1", 0.0, 60.0, "train")
-        return Message(metadata=metadata, content=RecordDict({privacy_hooks.PRIVACY_RECORD: record}))
+        return Message(metadata=metadata, content=RecordDict({privacy_hooks.PRIVACY_RECORD: record}))  # type: ignore[call-overload]  # a received message
 
     assert ledger.collect(reply(good, honest.public_key_hex)) is None
     assert json.loads((tmp_path / "roster.json").read_text()) == {"0": honest.public_key_hex}
