@@ -401,3 +401,28 @@ def test_ckks_run_matches_fedavg_and_the_server_holds_only_ciphertext(
     # CKKS noise: float-mode heuristic bound n * 2**(16 - 40) / W per round, plus float32 rounding of the state
     _assert_close_to_oracle(decrypted, expected, 2 * result.error_bound)
     assert ServerSecureAggregation.federated_metrics({}) == {}
+
+
+@pytest.mark.slow
+def test_ckks_run_resumes_from_its_encrypted_checkpoint(
+    config: Callable[..., dict[str, Any]], fake_grid: Callable[..., Any], fedavg_oracle: Callable[..., Any]
+) -> None:
+    from fedmpt.apps.secure_aggregation import CKKS_AGGREGATE_ARRAY, CKKS_BINDING_ARRAY
+    from secagg import ckks
+
+    cfg = config(**{"secure-aggregation": "ckks", "num-server-rounds": 2})
+    # calls: query, then (train, evaluate) per round; call 4 is round 2's train
+    with pytest.raises(RuntimeError, match="simulated server crash"):
+        run_federation(fake_grid(build_client_app(), NODES, run_config=cfg, crash_at_call=4), read_app_config(cfg))
+    resumed_cfg = {**cfg, "resume": True}
+    run = run_federation(fake_grid(build_client_app(), NODES, run_config=resumed_cfg), read_app_config(resumed_cfg))
+    assert [x["round"] for x in _lines(run.path)] == [1, 2]
+    final = load_file(str(run.path / "final.safetensors"))
+    context, ckks_config, key_id = ckks.load_kit(run.path / "secagg" / "ckks" / "client")
+    binding = final[CKKS_BINDING_ARRAY].tobytes()
+    assert int.from_bytes(binding[16:], "little") == 2
+    result = ckks.decrypt_aggregate(
+        context, ckks_config, final[CKKS_AGGREGATE_ARRAY].tobytes(), run_id=binding[:16], round_number=2, key_id=key_id
+    )
+    expected = fedavg_oracle(cfg, [0, 1, 2], 3, rounds=2)
+    _assert_close_to_oracle(unflatten(result.mean, expected), expected, 2 * result.error_bound)
