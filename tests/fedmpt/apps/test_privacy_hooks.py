@@ -271,3 +271,29 @@ def test_calibrated_sigma_spends_at_most_the_target_over_all_rounds() -> None:
     plan = plan_release(16, TrainConfig(batch_size=8), privacy.dp_config(rounds=5))
     spent = _rdp_replay([(plan.event.noise_multiplier, 0.5, plan.event.steps)] * 5, 1e-3)
     assert spent <= 2.0 and spent == pytest.approx(2.0, rel=0.05)
+
+
+def test_reply_with_tampered_entries_is_not_aggregated(
+    config: Callable[..., dict[str, Any]], fake_grid: Callable[..., Any]
+) -> None:
+    real = build_client_app()
+
+    def tampering(message: Any, context: Any) -> Any:  # partition 2 understates its steps on the wire
+        reply = real(message, context)
+        if context.node_config["partition-id"] == 2 and message.metadata.message_type == "train":
+            record = reply.content.config_records[privacy_hooks.PRIVACY_RECORD]
+            lines = [str(x) for x in record[privacy_hooks.PrivacyKey.ENTRIES]]  # type: ignore[union-attr]
+            lines[-1] = lines[-1].replace('"steps":2', '"steps":1')
+            record[privacy_hooks.PrivacyKey.ENTRIES] = lines
+        return reply
+
+    cfg = config(**{"num-server-rounds": 1})
+    run = run_federation(fake_grid(tampering, NODES, run_config=cfg), read_app_config(cfg))
+    (line,) = _lines(run.path)
+    assert line["clients_replied"] == [0, 1] and set(line["train"]) == {"0", "1"}
+    (failure,) = line["clients_failed"]
+    assert failure["client_id"] == 2 and failure["node_id"] == 9001
+    assert failure["reason"].startswith(f"error {privacy_hooks.LEDGER_REJECTED_CODE}: ledger rejected")
+    assert "bad signature" in failure["reason"]
+    assert set(line["epsilon"]["clients"]) == {"0", "1"}
+    assert {e.node_id for e in _entries(run.path / "epsilon_ledger.jsonl")} == {"0", "1"}
