@@ -17,6 +17,8 @@ import pytest
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 from flwr.app import ConfigRecord, RecordDict
+from hypothesis import given
+from hypothesis import strategies as st
 from opacus.accountants.analysis import rdp as opacus_rdp
 
 from fedmpt.apps import privacy_hooks
@@ -297,3 +299,44 @@ def test_reply_with_tampered_entries_is_not_aggregated(
     assert "bad signature" in failure["reason"]
     assert set(line["epsilon"]["clients"]) == {"0", "1"}
     assert {e.node_id for e in _entries(run.path / "epsilon_ledger.jsonl")} == {"0", "1"}
+
+
+@given(delta=st.floats(min_value=-1.0, max_value=2.0, allow_nan=False), sigma=st.floats(-2.0, 5.0))
+def test_delta_and_sigma_ranges(delta: float, sigma: float) -> None:
+    valid = 0.0 < delta < 1.0 and sigma >= 0.0
+    if valid:
+        privacy = privacy_hooks.privacy_config_from({"delta": delta, "noise-multiplier": sigma})
+        dp = privacy.dp_config(rounds=3)
+        assert dp.delta == delta
+        assert dp.noise_multiplier == (None if sigma == 0.0 else sigma)
+        assert dp.target_epsilon == (8.0 if sigma == 0.0 else None)
+    else:
+        with pytest.raises(ConfigError):
+            privacy_hooks.privacy_config_from({"delta": delta, "noise-multiplier": sigma})
+
+
+def test_ledger_location_and_site_budget(tmp_path: Path) -> None:
+    default = privacy_hooks.PrivacyRunConfig(dp=True, max_epsilon=4.0)
+    assert privacy_hooks.ledger_root(default, tmp_path, "exp", 7) == tmp_path / "exp" / "nodes"
+    assert privacy_hooks.ledger_root(default, tmp_path, "", 7) == tmp_path / "flower-run-7" / "nodes"
+    elsewhere = privacy_hooks.PrivacyRunConfig(dp=True, ledger_dir=str(tmp_path / "site"))
+    assert privacy_hooks.ledger_root(elsewhere, tmp_path, "exp", 7) == tmp_path / "site"
+    paths = privacy_hooks.node_paths(tmp_path, 3, {})
+    assert paths.identity == tmp_path / "node-3" / "identity.pem"
+    assert paths.ledger == tmp_path / "node-3" / "epsilon_ledger.jsonl"
+    assert privacy_hooks.node_paths(tmp_path, 3, {"identity-key": "/keys/k.pem"}).identity == Path("/keys/k.pem")
+    budget = privacy_hooks.node_budget(default, {})
+    assert budget is not None and budget.max_epsilon == 4.0
+    site = privacy_hooks.node_budget(default, {"max-epsilon": 1.5})
+    assert site is not None and site.max_epsilon == 1.5
+    assert privacy_hooks.node_budget(privacy_hooks.PrivacyRunConfig(dp=True), {}) is None
+    with pytest.raises(ConfigError, match="'max-epsilon'"):
+        privacy_hooks.node_budget(default, {"max-epsilon": "lots"})
+    # a provisioned key that does not exist is an error, never silently replaced by a new one
+    from privacy.errors import IdentityError
+
+    with pytest.raises(IdentityError, match="does not exist"):
+        privacy_hooks.load_identity(tmp_path / "missing.pem", provisioned=True)
+    created = privacy_hooks.load_identity(tmp_path / "n" / "identity.pem", provisioned=False)
+    assert (tmp_path / "n" / "identity.pem").stat().st_mode & 0o777 == 0o600
+    assert privacy_hooks.load_identity(tmp_path / "n" / "identity.pem", provisioned=False).key_id == created.key_id
