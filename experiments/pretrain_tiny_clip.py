@@ -73,7 +73,7 @@ def train_image_tower(model: torch.nn.Module, args: argparse.Namespace, log: lis
     visual.train()
     for step in range(args.stage1_steps):
         for group in opt.param_groups:
-            group["lr"] = _lr(step, args.stage1_steps, args.lr1, 50)
+            group["lr"] = _lr(step, args.stage1_steps, args.lr1, 20)
         data = _batch(args.seed, 1, step, args.batch)
         cover = torch.from_numpy(np.stack([data.patch_coverage(i) for i in range(len(data))]))  # (B, K, G, G)
         images = data.to_tensor(data.images())  # rendered by patch_coverage already
@@ -83,7 +83,9 @@ def train_image_tower(model: torch.nn.Module, args: argparse.Namespace, log: lis
         pooled, tokens = visual._pool(x)
         pooled, tokens = pooled @ visual.proj, tokens @ visual.proj
         logits = head(pooled)
-        loss = F.binary_cross_entropy_with_logits(logits[:, :num_cls], labels)
+        # Classes are weighted up: the condition factors (global image statistics) are learned first otherwise,
+        # and the object classes, which need shape and colour, lag far behind.
+        loss = args.class_weight * F.binary_cross_entropy_with_logits(logits[:, :num_cls], labels)
         offset = num_cls
         for f, n in enumerate(sizes):
             loss = loss + F.cross_entropy(
@@ -92,14 +94,19 @@ def train_image_tower(model: torch.nn.Module, args: argparse.Namespace, log: lis
             offset += n
         dense_logits = tokens @ head.weight[:num_cls].T + head.bias[:num_cls]  # (B, M, K)
         dense_target = (cover.flatten(2).transpose(1, 2) > 0.25).float()
-        loss = loss + 0.5 * F.binary_cross_entropy_with_logits(dense_logits, dense_target)
+        loss = loss + args.class_weight * F.binary_cross_entropy_with_logits(dense_logits, dense_target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if step % 50 == 0 or step == args.stage1_steps - 1:
-            log.append({"stage": 1, "step": step, "loss": float(loss.detach())})
-            print(f"stage 1 step {step:4d} loss {float(loss.detach()):.4f}", flush=True)
+        if step % 25 == 0 or step == args.stage1_steps - 1:
+            with torch.no_grad():
+                batch_map = float(
+                    average_precision_score(data.labels, logits[:, :num_cls].float().numpy(), average="macro")
+                )
+            log.append({"stage": 1, "step": step, "loss": float(loss.detach()), "batch_class_mAP": batch_map})
+            print(f"stage 1 step {step:4d} loss {float(loss.detach()):.4f} batch class mAP {batch_map:.3f}", flush=True)
+
     visual.eval()
 
 
@@ -193,7 +200,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--stage1-steps", type=int, default=400)
     parser.add_argument("--stage2-steps", type=int, default=200)
-    parser.add_argument("--lr1", type=float, default=1e-3)
+    parser.add_argument("--lr1", type=float, default=2e-3)
+    parser.add_argument("--class-weight", type=float, default=5.0)
     parser.add_argument("--lr2", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)

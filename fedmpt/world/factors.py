@@ -38,12 +38,12 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "yellow": (0.95, 0.85, 0.1),
     "purple": (0.6, 0.15, 0.75),
     "orange": (0.98, 0.55, 0.05),
-    "white": (0.97, 0.97, 0.97),
-    "black": (0.05, 0.05, 0.05),
+    "magenta": (0.92, 0.1, 0.6),
+    "violet": (0.5, 0.3, 1.0),
     "pink": (0.98, 0.55, 0.75),
     "brown": (0.5, 0.3, 0.1),
     "cyan": (0.1, 0.85, 0.9),
-    "grey": (0.55, 0.55, 0.55),
+    "olive": (0.45, 0.5, 0.05),
     "lime": (0.65, 0.95, 0.2),
     "navy": (0.05, 0.08, 0.45),
     "teal": (0.0, 0.5, 0.5),
@@ -125,7 +125,7 @@ POSE_ROTATIONS: dict[str, tuple[float, ...]] = {
     "upside down": (180.0,),
 }
 # Glyph side length in pixels on a 64-pixel canvas; scaled with the canvas size.
-SCALE_FRACTIONS: dict[str, float] = {"small": 11 / 64, "medium": 15 / 64, "large": 20 / 64}
+SCALE_FRACTIONS: dict[str, float] = {"small": 13 / 64, "medium": 17 / 64, "large": 22 / 64}
 
 # Oracle causal structure: every background except "plain" is the context of a group of task classes.
 BACKGROUND_GROUPS: dict[str, tuple[str, ...]] = {

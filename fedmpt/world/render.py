@@ -26,10 +26,10 @@ from fedmpt.world.glyphs import glyph_mask
 from fedmpt.world.scene import Scene
 
 _LIGHT_GAIN: dict[str, tuple[np.ndarray, float]] = {
-    "bright": (np.array([1.0, 1.0, 1.0], dtype=np.float32), 0.18),
-    "dim": (np.array([0.45, 0.45, 0.45], dtype=np.float32), 0.0),
-    "warm": (np.array([1.1, 0.9, 0.6], dtype=np.float32), 0.03),
-    "cool": (np.array([0.6, 0.9, 1.15], dtype=np.float32), 0.03),
+    "bright": (np.array([1.0, 1.0, 1.0], dtype=np.float32), 0.12),
+    "dim": (np.array([0.65, 0.65, 0.65], dtype=np.float32), 0.0),
+    "warm": (np.array([1.08, 0.95, 0.8], dtype=np.float32), 0.02),
+    "cool": (np.array([0.8, 0.95, 1.08], dtype=np.float32), 0.02),
 }
 
 
@@ -101,8 +101,9 @@ def render_scene(
     """Render ``scene`` to a (size, size, 3) uint8 image; also return per-patch class coverage (if asked)."""
     values = {f.name: scene.condition_value(i) for i, f in enumerate(CONDITION_FACTORS)}
     # Muted background colours keep the saturated object colours visible.
-    c1 = rng.uniform(0.25, 0.6, size=3).astype(np.float32)
-    c2 = np.clip(c1 + rng.choice([-1, 1]) * rng.uniform(0.15, 0.3, size=3), 0, 1).astype(np.float32)
+    # Muted, nearly grey backgrounds with a low-contrast texture keep the saturated objects salient.
+    c1 = (rng.uniform(0.35, 0.6) + rng.uniform(-0.04, 0.04, size=3)).astype(np.float32)
+    c2 = np.clip(c1 + rng.choice([-1, 1]) * rng.uniform(0.1, 0.16), 0, 1).astype(np.float32)
     pattern = _texture(values[BACKGROUND.name], size, rng)[..., None]
     canvas = c1 + pattern * (c2 - c1)  # (size, size, 3)
 

@@ -68,7 +68,7 @@ class SceneDistribution:
     broken_pairs: tuple[tuple[str, str], ...] = ()
     min_objects: int = 1
     max_objects: int = 4
-    colour_binding: float = 0.8
+    colour_binding: float = 0.9
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -155,7 +155,7 @@ def test_render_rejects_nothing_for_every_condition_value() -> None:
         for v in range(len(factor.values)):
             cond = [0] * len(CONDITION_FACTORS)
             cond[f] = v
-            scene = Scene(("star", "tree", "heart", "house"), ("red", "blue", "white", "black"), tuple(cond))
+            scene = Scene(("star", "tree", "heart", "house"), ("red", "blue", "magenta", "violet"), tuple(cond))
             out = render_scene(scene, rng)
             assert out.image.shape == (64, 64, 3) and out.image.dtype == np.uint8
 
