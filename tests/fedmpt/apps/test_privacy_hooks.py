@@ -131,6 +131,7 @@ def test_dp_run_epsilon_matches_a_replay_of_the_merged_ledger(
         assert state == [[SIGMA, 0.5, 2]] * 3
 
 
+@pytest.mark.slow
 def test_budget_exhausted_node_stops_and_the_others_go_on(
     config: Callable[..., dict[str, Any]], fake_grid: Callable[..., Any]
 ) -> None:
