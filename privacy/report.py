@@ -273,6 +273,12 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _budget(config: Mapping[str, Any]) -> float | None:
+    """The run's per-node budget ``max-epsilon``; 0 (the run-config default) or less means no budget."""
+    value = _finite(config.get("max-epsilon"))
+    return value if value is not None and value > 0 else None
+
+
 def _items(value: Any) -> list[Any]:
     """``value`` if it is a JSON list, else an empty list."""
     return value if isinstance(value, list) else []
@@ -619,7 +625,7 @@ def _final_epsilon_blocks(
     ev: RunEvidence, ledger: VerificationReport, findings: list[Finding], summary: dict[str, Any]
 ) -> list[Block]:
     cfg = ev.config
-    budget = _finite(cfg.get("max-epsilon"))
+    budget = _budget(cfg)
     accountant = _budget_accountant(cfg)
     exhausted = _client_failure_rounds(ev, "budget")
     metrics_last = {s.client_id: s.points[-1] for s in _series_from_metrics(ev.rounds)}
@@ -1022,7 +1028,7 @@ def epsilon_plot(ev: RunEvidence) -> bytes | None:
         pld = [(p[0], p[2]) for p in series.points if p[2] is not None]
         if pld:
             axes.plot([p[0] for p in pld], [p[1] for p in pld], "--", color=colour, label=f"{series.client_id} PLD")
-    budget = _finite(ev.config.get("max-epsilon"))
+    budget = _budget(ev.config)
     highest = max(max(p[1], p[2] or 0.0) for series in ev.epsilon_series for p in series.points)
     title = "epsilon per client"
     if budget is not None and budget <= 2 * highest:
