@@ -139,3 +139,13 @@ def test_fedmpt_run_rejects_a_bad_config_before_starting(capsys: pytest.CaptureF
     assert main(["run", "--run-config", "num-rounds=3"]) == 2
     err = capsys.readouterr().err
     assert "unknown run config key(s) ['num-rounds']" in err and "num-server-rounds" in err
+
+
+def test_every_override_file_in_experiments_conf_is_a_valid_run_config() -> None:
+    files = sorted((PYPROJECT.parent / "experiments" / "conf").glob("*.toml"))
+    assert files, "experiments/conf holds no override files"
+    for path in files:
+        config = read_app_config(parse_run_config_overrides([str(path)]))
+        with path.open("rb") as handle:
+            for key, value in tomllib.load(handle).items():
+                assert config.resolved[key] == value, (path.name, key)
