@@ -23,3 +23,10 @@ class BackboneUnavailableError(FedMPTError):
 
 class ConditionsError(FedMPTError):
     """A conditions file is malformed, or was made for another class list."""
+
+
+def check_positive_int(owner: str, name: str, value: object) -> int:
+    """``value`` if it is an integer >= 1 (not a bool); else a :class:`ConfigError` naming ``owner.name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{owner}.{name} must be an integer >= 1, got {value!r}")
+    return value

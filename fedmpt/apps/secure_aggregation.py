@@ -483,6 +483,18 @@ def _stage_of(msg: Message) -> str | None:
     return stage if isinstance(stage, str) else None
 
 
+def _local_update(reply: Message) -> dict[str, Any]:
+    """The local state in a successful plain-train reply; a reply without one (e.g. a DP node over its budget)
+    cannot take part in secure aggregation."""
+    from fedmpt.apps.messages import RecordName, from_array_record
+
+    if RecordName.ARRAYS not in reply.content.array_records:
+        raise SecureAggregationError(
+            f"local training returned no update (metrics {dict(reply.content.metric_records)})"
+        )
+    return from_array_record(reply.content.array_records[RecordName.ARRAYS])
+
+
 def _payload_of(msg: Message) -> bytes:
     from fedmpt.apps.messages import RecordName
 
@@ -589,7 +601,7 @@ def _decrypt_state(
 
 def _client_ckks_train(msg: Message, setup: _ClientSetup, plain_train: Callable[[Message], Message]) -> Message:
     """CKKS: decrypt the global state (if encrypted), train, reply with Enc(w * local state) and no plain weight."""
-    from fedmpt.apps.messages import Key, RecordName, from_array_record, to_array_record
+    from fedmpt.apps.messages import Key, RecordName, to_array_record
     from secagg import ckks
 
     kit = _load_client_kit(setup)
@@ -607,11 +619,7 @@ def _client_ckks_train(msg: Message, setup: _ClientSetup, plain_train: Callable[
     reply = plain_train(msg)
     if reply.has_error():
         return reply
-    if RecordName.ARRAYS not in reply.content.array_records:  # e.g. a DP node over its budget: no update
-        raise SecureAggregationError(
-            f"local training returned no update (metrics {dict(reply.content.metric_records)})"
-        )
-    local = from_array_record(reply.content.array_records[RecordName.ARRAYS])
+    local = _local_update(reply)
     metrics = dict(reply.content.metric_records[RecordName.METRICS])
     weight = _weight_from(metrics)
     context_, cfg, key_id = kit
@@ -718,11 +726,7 @@ def _client_masking_stage(
         reply = plain_train(msg)
         if reply.has_error():
             return reply
-        if RecordName.ARRAYS not in reply.content.array_records:  # e.g. a DP node over its budget: no update
-            raise SecureAggregationError(
-                f"local training returned no update (metrics {dict(reply.content.metric_records)})"
-            )
-        local = from_array_record(reply.content.array_records[RecordName.ARRAYS])
+        local = _local_update(reply)
         global_arrays = from_array_record(msg.content.array_records[RecordName.ARRAYS])
         if sorted(local) != sorted(global_arrays):
             raise SecureAggregationError(

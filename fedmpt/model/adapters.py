@@ -12,15 +12,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fedmpt.errors import ConfigError
+from fedmpt.errors import ConfigError, check_positive_int
 
 __all__ = ["ConditionAdapters"]
-
-
-def _positive_int(owner: str, name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{owner}.{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 class ConditionAdapters(nn.Module):
@@ -67,9 +61,9 @@ class ConditionAdapters(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        self.dim = _positive_int("ConditionAdapters", "dim", dim)
-        self.num_conditions = _positive_int("ConditionAdapters", "num_conditions", num_conditions)
-        self.rank = _positive_int("ConditionAdapters", "rank", rank)
+        self.dim = check_positive_int("ConditionAdapters", "dim", dim)
+        self.num_conditions = check_positive_int("ConditionAdapters", "num_conditions", num_conditions)
+        self.rank = check_positive_int("ConditionAdapters", "rank", rank)
         if rank > dim:
             raise ConfigError(f"ConditionAdapters.rank must be <= dim={dim}, got {rank!r}")
         if not isinstance(residual, bool):

@@ -13,15 +13,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fedmpt.errors import ConfigError
+from fedmpt.errors import ConfigError, check_positive_int
 
 __all__ = ["ConditionGate", "combine_conditions"]
-
-
-def _positive_int(owner: str, name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{owner}.{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 class ConditionGate(nn.Module):
@@ -63,9 +57,9 @@ class ConditionGate(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        self.dim = _positive_int("ConditionGate", "dim", dim)
-        self.num_conditions = _positive_int("ConditionGate", "num_conditions", num_conditions)
-        self.rank = _positive_int("ConditionGate", "rank", rank)
+        self.dim = check_positive_int("ConditionGate", "dim", dim)
+        self.num_conditions = check_positive_int("ConditionGate", "num_conditions", num_conditions)
+        self.rank = check_positive_int("ConditionGate", "rank", rank)
         if not isinstance(normalize_input, bool):
             raise ConfigError(f"ConditionGate.normalize_input must be a bool, got {normalize_input!r}")
         self.normalize_input = normalize_input

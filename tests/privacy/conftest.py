@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
+from fedmpt.backbone.loader import Backbone, load_backbone
 from privacy.accounting import DpSgdEvent
 from privacy.ledger import Ledger, NodeIdentity, Release, merge_node_entries
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: small tensors on a shared 2-core machine are much faster without contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def backbone() -> Backbone:
+    """A small random-init tiny CLIP (the real modules; weights do not matter for gradient identities)."""
+    torch.manual_seed(0)
+    return load_backbone(random_init=True)
+
 
 DELTA = 1e-5
 RUN_ID = "run-7"

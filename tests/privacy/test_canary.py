@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -23,14 +22,6 @@ CONDITIONS = ("spatial layout", "object pose", "background")
 CLASSES = ("star", "tree", "house", "heart")
 Z = 2.0  # claimed epsilon of one Gaussian step at z=2, delta=1e-5: ~1.99 (PLD)
 TRIALS = 1000
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from scipy import stats
 from torch import Tensor
 
-from fedmpt.backbone.loader import Backbone, load_backbone
+from fedmpt.backbone.loader import Backbone
 from fedmpt.methods import build_method
 from fedmpt.methods.base import Method
 from fedmpt.model.asymmetric_loss import asymmetric_loss
@@ -38,20 +37,6 @@ from privacy.per_sample import DPIncompatibleError, per_sample_gradients, prepar
 CONDITIONS = ("spatial layout", "object pose", "background")
 CLASSES = ("star", "tree", "house", "heart")
 TRAIN = TrainConfig()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def backbone() -> Backbone:
-    torch.manual_seed(0)
-    return load_backbone(random_init=True)
 
 
 def _data(n: int, seed: int = 0, m: int = 8) -> FeatureData:

@@ -6,8 +6,6 @@ math kernel and the ground truth with the fused one; their float32 rounding diff
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -34,21 +32,6 @@ from privacy.per_sample import (
 CONDITIONS = ("spatial layout", "object pose", "background")
 CLASSES = ("star", "tree", "house", "heart")
 TRAIN = TrainConfig()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: small tensors on a shared 2-core machine are much faster without contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def backbone() -> Backbone:
-    torch.manual_seed(0)
-    return load_backbone(random_init=True)
 
 
 def _batch(b: int = 4, m: int = 8, seed: int = 0) -> tuple[Tensor, Tensor, np.ndarray]:
