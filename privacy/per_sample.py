@@ -26,8 +26,11 @@ stops at ``G_i`` and applies the single vjp after the noise.
 Assumptions (checked by :func:`check_dp_compatible`): no loss or layer couples the samples of a batch; the
 text features depend on the prompt parameters only and the logits depend on the prompt parameters only
 through ``T``; every module is in a deterministic mode (the frozen backbone in eval mode, no train-mode
-dropout or batch statistics); the Sinkhorn solver of a transport layer runs a fixed number of iterations
-(data-dependent early stopping cannot run under ``vmap``).
+dropout or batch statistics). A transport layer's plan is detached by default: it is solved once per batch
+*outside* ``vmap`` (:meth:`Method.transport_plans`, per-problem early stopping, so each row's plan depends on
+that row only) and handed into the per-sample computation as data, through which no gradient flows, exactly as
+in non-private training. Only a differentiable plan is solved inside ``vmap``, and then with a fixed number of
+iterations (data-dependent early stopping cannot run under ``vmap``).
 """
 
 from __future__ import annotations
@@ -106,12 +109,16 @@ def split_parameters(method: Method) -> ParameterSplit:
 def prepare_for_dp(method: Method) -> Method:
     """Switch ``method`` to settings that ``vmap`` and check it (:func:`check_dp_compatible`); returns it.
 
-    The only change: every :class:`ConditionTransport` solves Sinkhorn with ``fixed_iterations=True`` (exactly
-    ``max_iter`` iterations, no data-dependent early stop). With the default detached plan this only makes the
-    plan more converged than early stopping at ``tol`` would; it does not change what is differentiated.
+    The only change: a :class:`ConditionTransport` with a differentiable plan (whose Sinkhorn iterations run
+    inside ``vmap``) solves with ``fixed_iterations=True`` (exactly ``max_iter`` iterations, no data-dependent
+    early stop). Detached plans are solved outside ``vmap`` and keep early stopping.
     """
     for module in method.modules():
-        if isinstance(module, ConditionTransport) and not module.sinkhorn.fixed_iterations:
+        if (
+            isinstance(module, ConditionTransport)
+            and module.differentiable_plan
+            and not module.sinkhorn.fixed_iterations
+        ):
             module.sinkhorn = replace(module.sinkhorn, fixed_iterations=True)
             logger.debug("DP: %s now runs Sinkhorn with fixed_iterations=True", type(module).__name__)
     check_dp_compatible(method)
@@ -129,7 +136,8 @@ def check_dp_compatible(method: Method, *, probe_rows: int = 2) -> None:
     Structural checks: the frozen backbone has no trainable parameter and no module of it is in train mode;
     no module of the method is a batch-coupled layer (BatchNorm, InstanceNorm) or a dropout layer in train
     mode; every trainable parameter belongs to a known module type (prompt bank, adapters, transport, gate,
-    ``nn.Linear``, or the method itself); every transport runs Sinkhorn with fixed iterations. Numerical
+    ``nn.Linear``, or the method itself); a transport with a differentiable plan runs Sinkhorn with fixed
+    iterations. Numerical
     checks at the current parameters (a dependence whose gradient happens to vanish there is not seen), one
     text-encoder pass: ``T = text_features()`` depends on no non-prompt parameter, and the logits
     depend on prompt parameters only through ``T``; and a probe on ``probe_rows`` random rows: the logits of
@@ -152,10 +160,15 @@ def check_dp_compatible(method: Method, *, probe_rows: int = 2) -> None:
             )
         if isinstance(module, _RANDOM) and module.training and getattr(module, "p", 0.0) > 0:
             raise DPIncompatibleError(f"module {name!r} is dropout in train mode; call method.eval() or remove it")
-        if isinstance(module, ConditionTransport) and not module.sinkhorn.fixed_iterations:
+        if (
+            isinstance(module, ConditionTransport)
+            and module.differentiable_plan
+            and not module.sinkhorn.fixed_iterations
+        ):
             raise DPIncompatibleError(
-                f"module {name!r} runs Sinkhorn with data-dependent early stopping (fixed_iterations=False), which "
-                "cannot run under torch.func.vmap; call privacy.per_sample.prepare_for_dp(method) first"
+                f"module {name!r} differentiates through Sinkhorn with data-dependent early stopping "
+                "(fixed_iterations=False), which cannot run under torch.func.vmap; call "
+                "privacy.per_sample.prepare_for_dp(method) first"
             )
     params = method.trainable_parameters()
     if not params:
@@ -195,10 +208,16 @@ def _check_text_dependence(method: Method, split: ParameterSplit, params: dict[s
                 )
     with torch.no_grad():
         batched = method.logits(global_features, patch_features, text.detach())
+        plans = method.transport_plans(global_features, patch_features, text.detach())
         try:
-            single = vmap(lambda g, p: method.logits(g[None], p[None], text.detach())[0])(
-                global_features, patch_features
-            )
+            if plans is None:
+                single = vmap(lambda g, p: method.logits(g[None], p[None], text.detach())[0])(
+                    global_features, patch_features
+                )
+            else:
+                single = vmap(lambda g, p, q: method.logits(g[None], p[None], text.detach(), q[None])[0])(
+                    global_features, patch_features, plans
+                )
         except RuntimeError as err:
             raise DPIncompatibleError(f"{method.name}: logits cannot run under torch.func.vmap: {err}") from err
     if not torch.allclose(batched, single, rtol=1e-4, atol=1e-5):
@@ -285,7 +304,8 @@ def per_sample_gradients(
     ``method`` must pass :func:`check_dp_compatible` (call :func:`prepare_for_dp` once). The loss is the
     per-sample asymmetric loss with ``train_config``'s ``gamma_pos``, ``gamma_neg`` and ``clip``, as in
     :func:`fedmpt.training.batch_loss`; labels are validated once here (the in-``vmap`` check is off).
-    Cost: one text-encoder forward (kept for the vjp) and one ``vmap``-ed forward/backward of the logits.
+    Cost: one text-encoder forward (kept for the vjp), one batched solve of the detached transport plans
+    (:meth:`Method.transport_plans`) and one ``vmap``-ed forward/backward of the logits.
     """
     targets = _targets(labels)
     batch = global_features.shape[0]
@@ -322,8 +342,11 @@ def per_sample_gradients(
     text = text.detach()
     gamma_pos, gamma_neg, clip = train_config.gamma_pos, train_config.gamma_neg, train_config.clip
 
-    def sample_loss(others: dict[str, Tensor], t: Tensor, g: Tensor, p: Tensor, y: Tensor) -> Tensor:
-        logits = functional_call(calls, _prefixed(others), ("logits", g[None], p[None], t))
+    plans = method.transport_plans(global_features, patch_features, text) if batch else None
+
+    def sample_loss(others: dict[str, Tensor], t: Tensor, g: Tensor, p: Tensor, y: Tensor, *plan: Tensor) -> Tensor:
+        args = (g[None], p[None], t, *(q[None] for q in plan))
+        logits = functional_call(calls, _prefixed(others), ("logits", *args))
         return asymmetric_loss(logits, y[None], gamma_pos, gamma_neg, clip, check_targets=False)[0]
 
     if batch == 0:
@@ -335,8 +358,9 @@ def per_sample_gradients(
             text_vjp=text_vjp,
             text_names=split.text,
         )
-    per_sample = vmap(grad_and_value(sample_loss, argnums=(0, 1)), in_dims=(None, None, 0, 0, 0))
-    (other_grads, cotangents), losses = per_sample(other_params, text, global_features, patch_features, targets)
+    extra = () if plans is None else (plans,)
+    per_sample = vmap(grad_and_value(sample_loss, argnums=(0, 1)), in_dims=(None, None, 0, 0, 0) + (0,) * len(extra))
+    (other_grads, cotangents), losses = per_sample(other_params, text, global_features, patch_features, targets, *extra)
     return PerSampleGradients(
         losses=losses.detach(),
         other={n: g.detach() for n, g in other_grads.items()},

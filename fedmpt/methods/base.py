@@ -90,9 +90,21 @@ class Method(nn.Module):
         """Class-side features used by :meth:`logits` (shape is method-specific)."""
         raise NotImplementedError
 
-    def logits(self, global_features: Tensor, patch_features: Tensor, text: Tensor) -> Tensor:
-        """Class logits (B, C) of a batch, given :meth:`text_features`."""
+    def logits(
+        self, global_features: Tensor, patch_features: Tensor, text: Tensor, plans: Tensor | None = None
+    ) -> Tensor:
+        """Class logits (B, C) of a batch, given :meth:`text_features`.
+
+        ``plans``: what :meth:`transport_plans` returned for this same batch, or ``None`` to solve any transport
+        here. Methods without a transport ignore it.
+        """
         raise NotImplementedError
+
+    def transport_plans(self, global_features: Tensor, patch_features: Tensor, text: Tensor) -> Tensor | None:
+        """Detached transport plans of a batch, one per row (leading axis ``B``), or ``None`` if the method has
+        no detached transport. DP-SGD solves them once per batch, outside ``torch.func.vmap`` and with
+        per-problem early stopping, and passes them back to :meth:`logits` inside the per-sample ``vmap``."""
+        return None
 
     def forward(self, global_features: Tensor, patch_features: Tensor) -> Tensor:
         return self.logits(global_features, patch_features, self.text_features())

@@ -43,7 +43,9 @@ class ZeroShot(Method):
     def text_features(self) -> Tensor:
         return self.fixed_text
 
-    def logits(self, global_features: Tensor, patch_features: Tensor, text: Tensor) -> Tensor:
+    def logits(
+        self, global_features: Tensor, patch_features: Tensor, text: Tensor, plans: Tensor | None = None
+    ) -> Tensor:
         cos = F.normalize(global_features, dim=-1) @ F.normalize(text, dim=-1).T
         return self.scale * cos + self.bias
 
@@ -63,7 +65,9 @@ class PromptFL(Method):
         out: Tensor = self.prompts()
         return out
 
-    def logits(self, global_features: Tensor, patch_features: Tensor, text: Tensor) -> Tensor:
+    def logits(
+        self, global_features: Tensor, patch_features: Tensor, text: Tensor, plans: Tensor | None = None
+    ) -> Tensor:
         cos = F.normalize(global_features, dim=-1) @ F.normalize(text, dim=-1).T
         return self.logit_scale * cos + self.logit_bias
 
@@ -83,7 +87,9 @@ class DualCoOp(Method):
     def text_features(self) -> Tensor:
         return self.prompts().view(2, self.num_classes, -1)  # (2, C, D): positive, negative
 
-    def logits(self, global_features: Tensor, patch_features: Tensor, text: Tensor) -> Tensor:
+    def logits(
+        self, global_features: Tensor, patch_features: Tensor, text: Tensor, plans: Tensor | None = None
+    ) -> Tensor:
         positive = region_similarity(patch_features, text[0])  # (B, M, C)
         negative = region_similarity(patch_features, text[1])
         psi_pos = region_pool(positive, self.temperature)

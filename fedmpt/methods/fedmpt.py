@@ -117,14 +117,17 @@ class FedMPT(Method):
             return self.prompts().view(n, c, -1)
         return self.fixed_text.unsqueeze(0).expand(n, c, -1)
 
-    def condition_logits(self, patch_features: Tensor, text: Tensor) -> Tensor:
-        """Per-condition class logits (B, N, C)."""
+    def _adapted(self, patch_features: Tensor) -> Tensor:
         if self.use_adapters:
-            x = self.adapters(patch_features)  # (B, N, M, D)
-        else:
-            x = patch_features.unsqueeze(1).expand(-1, self.num_conditions, -1, -1)
+            out: Tensor = self.adapters(patch_features)  # (B, N, M, D)
+            return out
+        return patch_features.unsqueeze(1).expand(-1, self.num_conditions, -1, -1)
+
+    def condition_logits(self, patch_features: Tensor, text: Tensor, plans: Tensor | None = None) -> Tensor:
+        """Per-condition class logits (B, N, C); ``plans`` (B, N, M, C) from :meth:`transport_plans` if given."""
+        x = self._adapted(patch_features)
         if self.use_transport:
-            out: Tensor = self.transport(x, text).logits
+            out: Tensor = self.transport(x, text, plan=plans).logits
             return out
         psi = region_pool(region_similarity(x, text), self.config.row_temperature)  # (B, N, C)
         return self.config.logit_scale * psi + self.logit_bias
@@ -137,8 +140,16 @@ class FedMPT(Method):
         b = global_features.shape[0]
         return global_features.new_full((b, self.num_conditions), 1.0 / self.num_conditions)
 
-    def logits(self, global_features: Tensor, patch_features: Tensor, text: Tensor) -> Tensor:
-        per_condition = self.condition_logits(patch_features, text)  # (B, N, C)
+    def transport_plans(self, global_features: Tensor, patch_features: Tensor, text: Tensor) -> Tensor | None:
+        if not self.use_transport or self.transport.differentiable_plan:
+            return None
+        with torch.no_grad():
+            return self.transport.solve_plan(self._adapted(patch_features), text)
+
+    def logits(
+        self, global_features: Tensor, patch_features: Tensor, text: Tensor, plans: Tensor | None = None
+    ) -> Tensor:
+        per_condition = self.condition_logits(patch_features, text, plans)  # (B, N, C)
         return combine_conditions(self.condition_weights(global_features), per_condition)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -256,13 +256,14 @@ class ConditionTransportOutput(NamedTuple):
         logits: ``(B, N, C)`` condition-specific class logits, ``logit_scale * scores + logit_bias``.
         scores: ``(B, N, C)`` transported similarity ``psi`` in ``[-1, 1]``.
         plan: ``(B, N, M, C)`` transport plans (detached unless ``differentiable_plan``).
-        solver: the :class:`SinkhornResult` (iterations, convergence, marginal error per (image, condition)).
+        solver: the :class:`SinkhornResult` (iterations, convergence, marginal error per (image, condition)),
+            or ``None`` when the caller supplied the plan.
     """
 
     logits: Tensor
     scores: Tensor
     plan: Tensor
-    solver: SinkhornResult
+    solver: SinkhornResult | None
 
 
 class ConditionTransport(nn.Module):
@@ -332,20 +333,26 @@ class ConditionTransport(nn.Module):
             f"differentiable_plan={self.differentiable_plan}, logit_scale={self.logit_scale}"
         )
 
-    def forward(self, patch_features: Tensor, class_features: Tensor) -> ConditionTransportOutput:
+    def forward(
+        self, patch_features: Tensor, class_features: Tensor, plan: Tensor | None = None
+    ) -> ConditionTransportOutput:
         """Score every class under every condition by transported similarity.
 
         Args:
             patch_features: ``(B, N, M, D)`` condition-adapted patch features.
             class_features: ``(N, C, D)`` condition-class prompt features (shared by the batch) or
                 ``(B, N, C, D)``.
+            plan: ``(B, N, M, C)`` plans solved beforehand for these same features (see :meth:`solve_plan`),
+                used instead of solving here. Only for a detached plan (``differentiable_plan=False``), whose
+                value is all the scores need: DP-SGD solves the plans of a batch once, outside ``torch.func.vmap``
+                and with per-problem early stopping, then computes per-sample gradients through ``S`` alone.
 
         Returns:
             :class:`ConditionTransportOutput` with logits and scores ``(B, N, C)``, in float32 when the
             features are float16/bfloat16 (the transport is always solved in float32 or float64).
 
         Raises:
-            ValueError: the shapes do not match.
+            ValueError: the shapes do not match, or a plan is given with ``differentiable_plan=True``.
         """
         if patch_features.dim() != 4:
             raise ValueError(
@@ -377,12 +384,34 @@ class ConditionTransport(nn.Module):
         row_marginal = torch.softmax(similarity.amax(dim=-1) / self.row_temperature, dim=-1)  # (B, N, M)
         col_marginal = torch.full((num_classes,), 1.0 / num_classes, dtype=cost.dtype, device=cost.device)
 
-        if self.differentiable_plan:
+        solver: SinkhornResult | None = None
+        if plan is not None:
+            if self.differentiable_plan:
+                raise ValueError("ConditionTransport: a precomputed plan cannot carry gradients (differentiable_plan)")
+            if plan.shape != similarity.shape:
+                raise ValueError(
+                    f"ConditionTransport: plan must have shape {tuple(similarity.shape)}, got {tuple(plan.shape)}"
+                )
+            plan = plan.detach().to(similarity.dtype)
+        elif self.differentiable_plan:
             solver = sinkhorn_log(cost, row_marginal, col_marginal, self.sinkhorn, validate=False)
+            plan = solver.plan
         else:
             with torch.no_grad():
                 solver = sinkhorn_log(cost.detach(), row_marginal.detach(), col_marginal, self.sinkhorn, validate=False)
-        plan = solver.plan  # (B, N, M, C)
+            plan = solver.plan  # (B, N, M, C)
         scores = num_classes * (plan * similarity).sum(dim=-2)  # (B, N, C)
         logits = self.logit_scale * scores + self.logit_bias
         return ConditionTransportOutput(logits=logits, scores=scores, plan=plan, solver=solver)
+
+    @torch.no_grad()
+    def solve_plan(self, patch_features: Tensor, class_features: Tensor) -> Tensor:
+        """The detached plans ``(B, N, M, C)`` that :meth:`forward` would use, solved with this module's
+        Sinkhorn settings but always with per-problem early stopping (``fixed_iterations`` ignored), so each
+        plan depends on its own image only. Not for use under ``torch.func.vmap``."""
+        config = replace(self.sinkhorn, fixed_iterations=False)
+        saved, self.sinkhorn = self.sinkhorn, config
+        try:
+            return self.forward(patch_features, class_features).plan
+        finally:
+            self.sinkhorn = saved

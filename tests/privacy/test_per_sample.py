@@ -6,6 +6,8 @@ math kernel and the ground truth with the fused one; their float32 rounding diff
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -40,9 +42,9 @@ def _batch(b: int = 4, m: int = 8, seed: int = 0) -> tuple[Tensor, Tensor, np.nd
     return torch.randn(b, 128, generator=g), torch.randn(b, m, 128, generator=g), labels.numpy().astype(np.int8)
 
 
-def _perturbed(backbone: Backbone, name: str) -> Method:
+def _perturbed(backbone: Backbone, name: str, **overrides: object) -> Method:
     """A DP-ready method whose zero-initialised parameters are moved so that every gradient is non-trivial."""
-    method = prepare_for_dp(build_method(name, backbone, CLASSES, CONDITIONS, init_seed=3))
+    method = prepare_for_dp(build_method(name, backbone, CLASSES, CONDITIONS, init_seed=3, **overrides))
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for p in method.trainable_parameters().values():
@@ -51,7 +53,22 @@ def _perturbed(backbone: Backbone, name: str) -> Method:
 
 
 def _ground_truth(method: Method, gf: Tensor, pf: Tensor, labels: np.ndarray) -> dict[str, Tensor]:
-    """vmap(grad) of the whole per-sample loss, text encoder included, w.r.t. every trainable parameter."""
+    """vmap(grad) of the whole per-sample loss, text encoder included, w.r.t. every trainable parameter.
+
+    Inside ``vmap`` the transport solves Sinkhorn itself, with fixed iterations (``vmap`` cannot stop early).
+    """
+    transports = [m for m in method.modules() if isinstance(m, ConditionTransport)]
+    saved = [m.sinkhorn for m in transports]
+    for m in transports:
+        m.sinkhorn = replace(m.sinkhorn, fixed_iterations=True)
+    try:
+        return _vmap_grad(method, gf, pf, labels)
+    finally:
+        for m, config in zip(transports, saved, strict=True):
+            m.sinkhorn = config
+
+
+def _vmap_grad(method: Method, gf: Tensor, pf: Tensor, labels: np.ndarray) -> dict[str, Tensor]:
     params = {n: p.detach() for n, p in method.trainable_parameters().items()}
     targets = torch.as_tensor(labels, dtype=torch.float32)
 
@@ -63,9 +80,16 @@ def _ground_truth(method: Method, gf: Tensor, pf: Tensor, labels: np.ndarray) ->
     return out
 
 
-@pytest.mark.parametrize("name", sorted(n for n in METHODS if n != "zeroshot"))
-def test_exact_per_sample_gradients_of_every_parameter_match_vmap_grad(backbone: Backbone, name: str) -> None:
-    method = _perturbed(backbone, name)
+@pytest.mark.parametrize(
+    ("name", "differentiable_plan"),
+    [(n, False) for n in sorted(METHODS) if n != "zeroshot"] + [("fedmpt", True)],
+)
+def test_exact_per_sample_gradients_of_every_parameter_match_vmap_grad(
+    backbone: Backbone, name: str, differentiable_plan: bool
+) -> None:
+    # tol 0: the batch's plans, solved outside vmap with early stopping, run the same max_iter iterations
+    # as the fixed-iteration solve inside the ground truth's vmap, so both differentiate at the same plan.
+    method = _perturbed(backbone, name, sinkhorn_tol=0.0, differentiable_plan=differentiable_plan)
     gf, pf, labels = _batch()
     truth = _ground_truth(method, gf, pf, labels)
     grads = per_sample_gradients(method, gf, pf, labels, TRAIN)
@@ -131,13 +155,33 @@ def test_bad_labels_are_refused_with_the_values(backbone: Backbone) -> None:
 # --- the startup check -----------------------------------------------------------------------------------
 
 
-def test_prepare_switches_sinkhorn_to_fixed_iterations_and_the_check_refuses_early_stopping(backbone: Backbone) -> None:
-    method = build_method("fedmpt", backbone, CLASSES, CONDITIONS)
+def test_prepare_fixes_iterations_only_for_a_differentiable_plan(backbone: Backbone) -> None:
+    method = build_method("fedmpt", backbone, CLASSES, CONDITIONS, differentiable_plan=True)
     with pytest.raises(DPIncompatibleError, match="fixed_iterations"):
         check_dp_compatible(method)
     prepare_for_dp(method)
     transport = method.get_submodule("transport")
     assert isinstance(transport, ConditionTransport) and transport.sinkhorn.fixed_iterations
+    detached = build_method("fedmpt", backbone, CLASSES, CONDITIONS)
+    check_dp_compatible(detached)  # its plans are solved outside vmap: early stopping stays
+    transport = prepare_for_dp(detached).get_submodule("transport")
+    assert isinstance(transport, ConditionTransport) and not transport.sinkhorn.fixed_iterations
+
+
+def test_batch_plans_stop_early_per_problem_and_do_not_depend_on_the_rest_of_the_batch(backbone: Backbone) -> None:
+    method = _perturbed(backbone, "fedmpt")
+    gf, pf, _ = _batch(b=6, seed=4)
+    text = method.text_features().detach()
+    plans = method.transport_plans(gf, pf, text)
+    assert plans is not None and plans.shape == (6, len(CONDITIONS), 8, len(CLASSES))
+    for i in range(6):
+        alone = method.transport_plans(gf[i : i + 1], pf[i : i + 1], text)
+        assert alone is not None
+        torch.testing.assert_close(plans[i : i + 1], alone, rtol=1e-5, atol=1e-7)
+    transport = method.get_submodule("transport")
+    assert isinstance(transport, ConditionTransport)
+    solved = transport(method.adapters(pf), text).solver
+    assert solved is not None and int(solved.iterations.max()) < transport.sinkhorn.max_iter  # it stopped early
 
 
 def test_check_refuses_batch_norm_dropout_unknown_owners_and_trainable_backbone(backbone: Backbone) -> None:
