@@ -12,13 +12,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fedmpt.backbone.loader import Backbone
+from fedmpt.errors import ConfigError
 from fedmpt.feature_cache import FeatureCache
 from fedmpt.methods.base import Method
-from fedmpt.partition import sample_participants
+from fedmpt.partition import Partition, sample_participants
 from fedmpt.training import (
     ClientUpdate,
     FeatureData,
@@ -108,3 +110,122 @@ def run_federated(
         if on_round is not None:
             on_round(result)
     return state, history
+
+
+# ------------------------------------------------------------------------------------------ real datasets
+
+PARTITIONERS = ("label-cluster", "dirichlet")
+
+
+@dataclass(frozen=True)
+class DatasetFederationConfig:
+    """How a real multi-label dataset is spread over simulated clients.
+
+    Attributes:
+        dataset, root, train_split, test_split: what :func:`fedmpt.data.load_dataset` loads (``root`` is the
+            dataset's folder; the test split is the server's global test set).
+        num_clients: number of clients K the training split is partitioned among.
+        partition: ``"label-cluster"`` (KMeans on label vectors fitted on the training split, the paper's
+            heterogeneous benchmark) or ``"dirichlet"`` (class-wise Dirichlet label skew).
+        dirichlet_alpha: concentration of the Dirichlet partition (small = strong skew).
+        client_test_fraction: fraction of each client's shard held out as its own test split (seeded), so
+            that every client is evaluated on data of its own distribution; in ``[0, 1)``, 0 = none.
+        partial_label_rate: probability that a positive training label is hidden (partial-label benchmark).
+        partial_label_mode: hidden positives become ``"unknown"`` (ignored by the loss) or ``"negative"``.
+        seed: seeds the partition, the hold-out and the label masking.
+        dataset_options: the loader's own keyword options (``classnames_file`` of the CSV loader, ``split_dir``
+            of BigEarthNet ...), as ``(name, value)`` pairs.
+    """
+
+    dataset: str
+    root: str
+    train_split: str = "train"
+    test_split: str = "test"
+    num_clients: int = 5
+    partition: str = "label-cluster"
+    dirichlet_alpha: float = 0.5
+    client_test_fraction: float = 0.2
+    partial_label_rate: float = 0.0
+    partial_label_mode: str = "unknown"
+    seed: int = 0
+    dataset_options: tuple[tuple[str, object], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.partition not in PARTITIONERS:
+            raise ConfigError(
+                f"partition must be one of {list(PARTITIONERS)} for a real dataset, got {self.partition!r}"
+            )
+        if not self.root:
+            raise ConfigError(f"dataset {self.dataset!r} needs the folder it lives in (data root), got none")
+        if not (0.0 <= self.client_test_fraction < 1.0):
+            raise ConfigError(f"client_test_fraction must be in [0, 1), got {self.client_test_fraction!r}")
+
+
+@dataclass(frozen=True)
+class DatasetFederation:
+    """Frozen features of a real dataset split among clients, and the global test split."""
+
+    classnames: tuple[str, ...]
+    clients_train: tuple[FeatureData, ...]
+    clients_test: tuple[FeatureData, ...]
+    test: FeatureData
+    partition: Partition
+
+    def summary(self) -> dict[str, object]:
+        """Sizes for logs and run directories."""
+        return {
+            "classes": len(self.classnames),
+            "clients_train": [len(d) for d in self.clients_train],
+            "clients_test": [len(d) for d in self.clients_test],
+            "test": len(self.test),
+        }
+
+
+def dataset_federation(
+    backbone: Backbone, config: DatasetFederationConfig, cache: FeatureCache | None = None
+) -> DatasetFederation:
+    """Load, encode (once, cached) and partition a real dataset for a simulated federation.
+
+    Every process that calls this with the same config gets the same partition (it depends on the training
+    labels and the seed only), so the server and each client agree on who holds what without exchanging it.
+
+    Raises:
+        ConfigError: unknown dataset or partitioner, or a partition that leaves a client without data.
+        DatasetError: the dataset's files are missing or malformed (from the loader).
+    """
+    from fedmpt.data import check_same_classnames, load_dataset
+    from fedmpt.partition import dirichlet_partition, fit_label_clusters, mask_partial_labels
+
+    options: dict[str, Any] = dict(config.dataset_options)
+    train = load_dataset(config.dataset, config.root, config.train_split, transform=backbone.preprocess, **options)
+    test = load_dataset(config.dataset, config.root, config.test_split, transform=backbone.preprocess, **options)
+    check_same_classnames([train, test])
+    if config.partition == "label-cluster":
+        partition = fit_label_clusters(train.labels, config.num_clients, seed=config.seed).train_partition
+    else:
+        partition = dirichlet_partition(train.labels, config.num_clients, config.dirichlet_alpha, seed=config.seed)
+    train_features = extract_features(backbone, train, train.labels, data_id=train.fingerprint(), cache=cache)
+    test_features = extract_features(backbone, test, test.labels, data_id=test.fingerprint(), cache=cache)
+    masked = (
+        mask_partial_labels(train.labels, config.partial_label_rate, seed=config.seed, mode=config.partial_label_mode)
+        if config.partial_label_rate > 0
+        else np.asarray(train.labels)
+    )
+    clients_train, clients_test = [], []
+    for k, indices in enumerate(partition.client_indices):
+        order = np.random.default_rng([config.seed, 7, k]).permutation(indices)
+        n_test = int(round(config.client_test_fraction * len(order)))
+        if config.client_test_fraction > 0 and len(order) >= 2:
+            n_test = min(max(n_test, 1), len(order) - 1)
+        held, kept = np.sort(order[:n_test]), np.sort(order[n_test:])
+        shard = train_features.subset(kept)
+        clients_train.append(FeatureData(shard.global_features, shard.patch_features, masked[kept]))
+        clients_test.append(train_features.subset(held))
+    logger.info("dataset %s: partition %s sizes %s", config.dataset, config.partition, partition.sizes())
+    return DatasetFederation(
+        classnames=tuple(train.classnames),
+        clients_train=tuple(clients_train),
+        clients_test=tuple(clients_test),
+        test=test_features,
+        partition=partition,
+    )

@@ -58,3 +58,32 @@ def fedavg_oracle() -> Callable[..., dict[str, np.ndarray]]:
         return arrays
 
     return oracle
+
+
+CSV_CLASSES = ("red", "green", "blue", "yellow")
+_CSV_COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 230), "yellow": (240, 220, 30)}
+
+
+@pytest.fixture(scope="session")
+def csv_dataset(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A small real-format dataset for the generic CSV loader: ``<root>/{train,test}.csv`` and PNG images of
+    coloured squares (label = the colours present), with the class list in ``classes.txt``."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("csv-dataset")
+    (root / "images").mkdir()
+    (root / "classes.txt").write_text("\n".join(CSV_CLASSES) + "\n")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 60), ("test", 20)):
+        rows = ["path,labels"]
+        for i in range(n):
+            present = [c for c in CSV_CLASSES if rng.random() < 0.4] or [CSV_CLASSES[i % 4]]
+            image = np.full((48, 48, 3), 128, dtype=np.uint8)
+            for c in present:
+                y, x = rng.integers(0, 32, size=2)
+                image[y : y + 16, x : x + 16] = _CSV_COLOURS[c]
+            name = f"images/{split}_{i:03d}.png"
+            Image.fromarray(image).save(root / name)
+            rows.append(f"{name},{'|'.join(present)}")
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return root

@@ -15,9 +15,13 @@ The expensive objects (the frozen backbone, the method module, the encoded featu
 and kept (``functools.lru_cache`` keyed by the frozen config), because Flower rebuilds the apps for every
 message; encoded features are also cached on disk (:mod:`fedmpt.feature_cache`).
 
-Data: the synthetic federated benchmark (:mod:`fedmpt.world`), client k = partition k, with ``num-clients``
-partitions; the server evaluates on the decorrelated global test split (reported as ``mAP``, ``CF1``, ``OF1``)
-and on the in-distribution one (``iid-mAP`` ...).
+Data. ``dataset = "synthetic"`` (the default): the synthetic federated benchmark (:mod:`fedmpt.world`),
+client k = partition k, with ``num-clients`` partitions; the server evaluates on the decorrelated global test
+split (reported as ``mAP``, ``CF1``, ``OF1``) and on the in-distribution one (``iid-mAP`` ...). Any other
+registered dataset (``voc2007``, ``coco2014``, ``csv`` ...) is loaded from ``data-root``: its ``train-split`` is
+partitioned among the clients by ``partition`` (``label-cluster`` or ``dirichlet``), each client holds out
+``client-test-fraction`` of its shard as its own test split, and the server evaluates on ``test-split``
+(:func:`fedmpt.federated.dataset_federation`).
 """
 
 from __future__ import annotations
@@ -36,10 +40,17 @@ import torch
 from numpy.typing import NDArray
 
 from fedmpt.backbone.loader import TINY_CLIP, Backbone, load_backbone
-from fedmpt.conditions import load_conditions
+from fedmpt.conditions import builtin_condition_names, load_conditions
+from fedmpt.conditions.defaults_build import NATURAL_IMAGE_CONDITIONS
 from fedmpt.errors import ConfigError
 from fedmpt.feature_cache import FeatureCache
-from fedmpt.federated import world_dataset_features
+from fedmpt.federated import (
+    PARTITIONERS,
+    DatasetFederation,
+    DatasetFederationConfig,
+    dataset_federation,
+    world_dataset_features,
+)
 from fedmpt.methods import METHODS, Method, build_method
 from fedmpt.training import ClientUpdate, FeatureData, TrainConfig, fedavg
 from fedmpt.training import client_update as library_client_update
@@ -77,17 +88,49 @@ class TaskConfig:
     context_strength: float = 0.75
     background_concentration: float = 0.5
     cache_dir: str = ""
+    data_root: str = ""
+    train_split: str = "train"
+    test_split: str = "test"
+    partition: str = ""
+    dirichlet_alpha: float = 0.5
+    client_test_fraction: float = 0.2
+    partial_label_rate: float = 0.0
+    partial_label_mode: str = "unknown"
+    dataset_options: str = ""
 
     def __post_init__(self) -> None:
         import fedmpt.methods  # noqa: F401 - registers the built-in methods
+        from fedmpt.data import DATASETS
 
         if self.method not in METHODS:
             raise ConfigError(f"run config 'method' must be one of {sorted(METHODS)}, got {self.method!r}")
-        if self.dataset != "synthetic":
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"run config 'dataset' must be one of {sorted(DATASETS)}, got {self.dataset!r}")
+        if self.synthetic:
+            if self.partition not in ("", "spurious"):
+                raise ConfigError(
+                    f"run config 'partition': the synthetic benchmark has its own per-client spurious partition "
+                    f"('spurious'); got {self.partition!r}"
+                )
+        else:
+            if not self.data_root:
+                raise ConfigError(f"run config 'data-root' is required for dataset {self.dataset!r}")
+            if self.partition not in ("", *PARTITIONERS):
+                raise ConfigError(
+                    f"run config 'partition' must be one of {list(PARTITIONERS)} for dataset {self.dataset!r}, "
+                    f"got {self.partition!r}"
+                )
+        for key in ("train_split", "test_split"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise ConfigError(f"run config {_key(key)!r} must be a non-empty string, got {getattr(self, key)!r}")
+        if self.partial_label_mode not in ("unknown", "negative"):
             raise ConfigError(
-                f"run config 'dataset': the Flower app runs the synthetic benchmark ('synthetic'); got "
-                f"{self.dataset!r} (real datasets are loaded with fedmpt.data.load_dataset in the library)"
+                f"run config 'partial-label-mode' must be 'unknown' or 'negative', got {self.partial_label_mode!r}"
             )
+        parse_dataset_options(self.dataset_options)
+        _check_float("dirichlet-alpha", self.dirichlet_alpha, 0.0, strict_low=True)
+        _check_float("client-test-fraction", self.client_test_fraction, 0.0, strict_low=False, high=1.0)
+        _check_float("partial-label-rate", self.partial_label_rate, 0.0, strict_low=False, high=1.0)
         for key in ("num_clients", "local_epochs", "batch_size", "train_per_client", "test_per_client"):
             _check_int(_key(key), getattr(self, key), 1)
         _check_int("global-test-size", self.global_test_size, 1)
@@ -97,6 +140,27 @@ class TaskConfig:
         _check_float("spurious-strength", self.spurious_strength, 0.0, strict_low=False, high=1.0, high_ok=True)
         _check_float("context-strength", self.context_strength, 0.0, strict_low=False, high=1.0, high_ok=True)
         _check_float("background-concentration", self.background_concentration, 0.0, strict_low=True)
+
+    @property
+    def synthetic(self) -> bool:
+        return self.dataset == "synthetic"
+
+    def dataset_config(self, seed: int) -> DatasetFederationConfig:
+        """The real-dataset federation this task runs on (``dataset`` other than ``synthetic``)."""
+        return DatasetFederationConfig(
+            dataset=self.dataset,
+            root=self.data_root,
+            train_split=self.train_split,
+            test_split=self.test_split,
+            num_clients=self.num_clients,
+            partition=self.partition or "label-cluster",
+            dirichlet_alpha=self.dirichlet_alpha,
+            client_test_fraction=self.client_test_fraction,
+            partial_label_rate=self.partial_label_rate,
+            partial_label_mode=self.partial_label_mode,
+            seed=seed,
+            dataset_options=parse_dataset_options(self.dataset_options),
+        )
 
     def world_config(self, seed: int) -> FederatedWorldConfig:
         """The synthetic benchmark this task runs on."""
@@ -110,6 +174,30 @@ class TaskConfig:
             background_concentration=self.background_concentration,
             seed=seed,
         )
+
+
+def parse_dataset_options(text: str) -> tuple[tuple[str, object], ...]:
+    """The run config's ``dataset-options``: ``"name=value,name=value"`` -> loader keyword options.
+
+    Values that read as integers or floats become numbers (``split_seed=3``), others stay strings
+    (``classnames_file=classes.txt``).
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f"run config 'dataset-options' must be a string 'name=value,...', got {text!r}")
+    options: list[tuple[str, object]] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, raw = item.partition("=")
+        if not sep or not name.strip().isidentifier():
+            raise ConfigError(f"run config 'dataset-options': {item!r} is not name=value (in {text!r})")
+        value: object = raw.strip()
+        for kind in (int, float):
+            try:
+                value = kind(raw.strip())
+                break
+            except ValueError:
+                continue
+        options.append((name.strip(), value))
+    return tuple(options)
 
 
 def _check_int(key: str, value: object, low: int) -> None:
@@ -159,10 +247,11 @@ class ClientData:
 
 @dataclass(frozen=True)
 class GlobalTest:
-    """The server's global test splits: decorrelated (the primary metrics) and in-distribution."""
+    """The server's global test splits: the primary one (the synthetic benchmark's decorrelated split, or a real
+    dataset's test split) and, for the synthetic benchmark, the in-distribution one."""
 
     decorrelated: FeatureData
-    in_distribution: FeatureData
+    in_distribution: FeatureData | None = None
 
 
 @functools.lru_cache(maxsize=2)
@@ -177,11 +266,25 @@ def _backbone(name: str, checkpoint: str) -> Backbone:
 @functools.lru_cache(maxsize=4)
 def _method_and_initial_state(config: TaskConfig, seed: int) -> tuple[Method, Arrays]:
     backbone = _backbone(config.backbone, config.backbone_checkpoint)
-    world = _world(config, seed)
-    conditions = load_conditions(config.conditions or config.dataset, world.classnames).conditions
-    method = build_method(config.method, backbone, world.classnames, conditions, init_seed=seed)
+    classnames = _world(config, seed).classnames if config.synthetic else _real(config, seed).classnames
+    conditions = _conditions(config, classnames)
+    method = build_method(config.method, backbone, classnames, conditions, init_seed=seed)
     # The cached module is trained in place by every update; its seeded initial state is kept apart.
     return method, to_arrays(method.trainable_state())
+
+
+def _conditions(config: TaskConfig, classnames: Sequence[str]) -> tuple[str, ...]:
+    """The ``conditions`` file, else the dataset's packaged default, else (a user dataset without either) the
+    paper's five abstract conditions, which name no class."""
+    if config.conditions or config.dataset in builtin_condition_names():
+        return tuple(load_conditions(config.conditions or config.dataset, classnames).conditions)
+    logger.warning(
+        "dataset %r has no packaged conditions and run config 'conditions' is empty: using the paper's five "
+        "abstract conditions %s (derive dataset-specific ones with `fedmpt conditions derive`)",
+        config.dataset,
+        list(NATURAL_IMAGE_CONDITIONS),
+    )
+    return NATURAL_IMAGE_CONDITIONS
 
 
 def _method(config: TaskConfig, seed: int) -> Method:
@@ -191,6 +294,12 @@ def _method(config: TaskConfig, seed: int) -> Method:
 @functools.lru_cache(maxsize=4)
 def _world(config: TaskConfig, seed: int) -> FederatedWorld:
     return make_federated_world(config.world_config(seed))
+
+
+@functools.lru_cache(maxsize=2)
+def _real(config: TaskConfig, seed: int) -> DatasetFederation:
+    backbone = _backbone(config.backbone, config.backbone_checkpoint)
+    return dataset_federation(backbone, config.dataset_config(seed), _cache(config))
 
 
 def _cache(config: TaskConfig) -> FeatureCache:
@@ -226,6 +335,9 @@ def load_client_data(config: TaskConfig, partition_id: int, num_partitions: int,
 
 @functools.lru_cache(maxsize=64)
 def _client_data(config: TaskConfig, partition_id: int, seed: int) -> ClientData:
+    if not config.synthetic:
+        real = _real(config, seed)
+        return ClientData(train=real.clients_train[partition_id], test=real.clients_test[partition_id])
     backbone = _backbone(config.backbone, config.backbone_checkpoint)
     client = _world(config, seed).clients[partition_id]
     cache = _cache(config)
@@ -236,7 +348,9 @@ def _client_data(config: TaskConfig, partition_id: int, seed: int) -> ClientData
 
 
 def load_global_test(config: TaskConfig, seed: int) -> GlobalTest:
-    """The global decorrelated and in-distribution test features."""
+    """The global test features: decorrelated and in-distribution (synthetic), or the test split (real)."""
+    if not config.synthetic:
+        return GlobalTest(decorrelated=_real(config, seed).test)
     backbone = _backbone(config.backbone, config.backbone_checkpoint)
     world, cache = _world(config, seed), _cache(config)
     return GlobalTest(
@@ -285,16 +399,12 @@ def evaluate(
         with _METHOD_LOCK:
             method = _method(config, run_seed)
             dec = library_evaluate(method, state, split.decorrelated)
-            iid = library_evaluate(method, state, split.in_distribution)
-        return {
-            "mAP": dec.mAP,
-            "CF1": dec.CF1,
-            "OF1": dec.OF1,
-            "iid-mAP": iid.mAP,
-            "iid-CF1": iid.CF1,
-            "iid-OF1": iid.OF1,
-            "num_examples": float(len(split.decorrelated)),
-        }
+            iid = None if split.in_distribution is None else library_evaluate(method, state, split.in_distribution)
+        out = {"mAP": dec.mAP, "CF1": dec.CF1, "OF1": dec.OF1}
+        if iid is not None:
+            out.update({"iid-mAP": iid.mAP, "iid-CF1": iid.CF1, "iid-OF1": iid.OF1})
+        out["num_examples"] = float(len(split.decorrelated))
+        return out
     with _METHOD_LOCK:
         m = library_evaluate(_method(config, run_seed), state, split)
     return {"mAP": m.mAP, "CF1": m.CF1, "OF1": m.OF1, "num_examples": float(len(split))}

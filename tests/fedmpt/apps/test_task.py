@@ -78,4 +78,4 @@ def test_bad_task_config_is_rejected() -> None:
     with pytest.raises(ConfigError, match="method"):
         task.task_config_from({"method": "nope"})
     with pytest.raises(ConfigError, match="dataset"):
-        task.task_config_from({"dataset": "voc2007"})
+        task.task_config_from({"dataset": "imagenet"})
