@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedmpt.world.factors import BACKGROUND, CONDITION_FACTORS, LAYOUT, LIGHTING, POSE, SCALE
+from fedmpt.world.factors import BACKGROUND, CONDITION_FACTORS, LAYOUT, LIGHTING, POSE, SCALE, ConditionFactor
 from fedmpt.world.scene import Scene
 
 Claim = tuple[str, ...]
@@ -108,15 +108,21 @@ def caption(
 
 
 def _condition_clause(scene: Scene, factor_index: int, rng: np.random.Generator) -> str:
-    factor = CONDITION_FACTORS[factor_index]
-    phrase = _phrase(scene, factor_index, rng)
+    return _clause(CONDITION_FACTORS[factor_index], _phrase(scene, factor_index, rng))
+
+
+def _clause(factor: ConditionFactor, phrase: str) -> str:
     if factor is BACKGROUND:
         return phrase
-    if factor is LIGHTING:
-        return f"objects {phrase}"
-    if factor is LAYOUT:
+    if factor in (LIGHTING, LAYOUT):
         return f"objects {phrase}"
     return f"{phrase} objects"
+
+
+def condition_sentence(factor: ConditionFactor, phrase: str) -> str:
+    """The short caption of one condition value: ``"a photo with {clause}."`` (e.g. "a photo with a striped
+    background.", "a photo with tilted objects.")."""
+    return f"a photo with {_clause(factor, phrase)}."
 
 
 def _join(items: list[str]) -> str:
@@ -133,13 +139,4 @@ def class_prompt(classname: str) -> str:
 def condition_prompts(factor_index: int) -> list[str]:
     """Zero-shot prompts, one per value of condition factor ``factor_index`` (first phrasing of each)."""
     factor = CONDITION_FACTORS[factor_index]
-    prompts = []
-    for phrases in factor.phrases:
-        phrase = phrases[0]
-        if factor is BACKGROUND:
-            prompts.append(f"a photo with {phrase}.")
-        elif factor in (LIGHTING, LAYOUT):
-            prompts.append(f"a photo with objects {phrase}.")
-        else:
-            prompts.append(f"a photo with {phrase} objects.")
-    return prompts
+    return [condition_sentence(factor, phrases[0]) for phrases in factor.phrases]
