@@ -536,6 +536,7 @@ class _ClientSetup:
 
 
 def _client_setup(context: Context, overrides: Mapping[str, Any]) -> _ClientSetup:
+    from fedmpt.apps import task
     from fedmpt.apps.config import read_app_config, read_node_config
 
     app = read_app_config({**context.run_config, **overrides})
@@ -546,7 +547,7 @@ def _client_setup(context: Context, overrides: Mapping[str, Any]) -> _ClientSetu
         cfg,
         node.partition_id,
         app.task.num_clients,
-        app.task.train_per_client,
+        task.max_client_examples(app.task, fed.seed),
         fed.round_timeout_s,
         kit_dir(cfg, fed.runs_dir, fed.run_name),
         app.task,
@@ -901,7 +902,10 @@ class ServerSecureAggregation:
         cfg: SecureAggregationConfig = app_config.secure_aggregation
         if not cfg.enabled:
             return None
-        num_clients, max_weight = app_config.task.num_clients, app_config.task.train_per_client
+        from fedmpt.apps import task
+
+        num_clients = app_config.task.num_clients
+        max_weight = task.max_client_examples(app_config.task, app_config.federation.seed)
         kit = Path(cfg.key_dir).expanduser() if cfg.key_dir else Path(run_path) / RUN_KIT_DIR
         if not cfg.key_dir:
             ensure_run_kit(kit, num_clients, max_weight, with_ckks=cfg.mode is Mode.CKKS)
@@ -914,8 +918,8 @@ class ServerSecureAggregation:
         if missing:
             raise ConfigError(f"secure aggregation: the roster has no identity for partitions {missing}")
         # fails here, before round 1, if the range and weights cannot fit the modulus
-        masking_config(cfg, num_clients, num_clients, app_config.task.train_per_client)
-        return cls(cfg, roster, num_clients, app_config.task.train_per_client)
+        masking_config(cfg, num_clients, num_clients, max_weight)
+        return cls(cfg, roster, num_clients, max_weight)
 
     def _load_ckks(self, server_kit: Path) -> None:
         from secagg import ckks

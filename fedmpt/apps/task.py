@@ -359,6 +359,14 @@ def load_global_test(config: TaskConfig, seed: int) -> GlobalTest:
     )
 
 
+def max_client_examples(config: TaskConfig, seed: int) -> int:
+    """The largest training-example count of any client: the weight bound secure aggregation provisions for
+    (``train-per-client`` on the synthetic world; the largest partition of a real dataset)."""
+    if config.synthetic:
+        return config.train_per_client
+    return max(len(d) for d in _real(config, seed).clients_train)
+
+
 def train_config(config: TaskConfig, seed: int) -> TrainConfig:
     """The library's :class:`TrainConfig` for one local update."""
     return TrainConfig(

@@ -71,3 +71,18 @@ def test_run_config_selects_and_validates_a_real_dataset(csv_dataset: Path, tmp_
         ("ratio", 0.5),
         ("name", "a"),
     )
+
+
+def test_masked_aggregation_on_a_real_dataset_bounds_weights_by_the_largest_partition(
+    csv_dataset: Path, tmp_path: Path, fake_grid: Callable[..., Any]
+) -> None:
+    # Real partitions are uneven; secure aggregation must provision for the largest one, not train-per-client.
+    config = _run_config(csv_dataset, tmp_path, **{"secure-aggregation": "masking", "num-server-rounds": 1})
+    config["train-per-client"] = 1  # irrelevant for a real dataset; a bound taken from it would break the round
+    app = read_app_config(config)
+    sizes = [len(task.load_client_data(app.task, k, 3, app.federation.seed).train) for k in range(3)]
+    assert task.max_client_examples(app.task, app.federation.seed) == max(sizes) > 1
+    run = run_federation(fake_grid(build_client_app(), {5: 0, 6: 1, 7: 2}, run_config=config), app)
+    (line,) = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert line["status"] == "ok" and line["clients_replied"] == [0, 1, 2]
+    assert line["secure_aggregation"] == "masking"
