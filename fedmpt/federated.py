@@ -213,11 +213,7 @@ def dataset_federation(
     )
     clients_train, clients_test = [], []
     for k, indices in enumerate(partition.client_indices):
-        order = np.random.default_rng([config.seed, 7, k]).permutation(indices)
-        n_test = int(round(config.client_test_fraction * len(order)))
-        if config.client_test_fraction > 0 and len(order) >= 2:
-            n_test = min(max(n_test, 1), len(order) - 1)
-        held, kept = np.sort(order[:n_test]), np.sort(order[n_test:])
+        held, kept = _hold_out(indices, config.client_test_fraction, config.seed, k)
         shard = train_features.subset(kept)
         clients_train.append(FeatureData(shard.global_features, shard.patch_features, masked[kept]))
         clients_test.append(train_features.subset(held))
@@ -229,3 +225,50 @@ def dataset_federation(
         test=test_features,
         partition=partition,
     )
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One site's own data in a deployment: its training features and the share it holds out for testing."""
+
+    classnames: tuple[str, ...]
+    train: FeatureData
+    test: FeatureData
+
+
+def site_data(
+    backbone: Backbone, config: DatasetFederationConfig, site: int, cache: FeatureCache | None = None
+) -> SiteData:
+    """A site's local dataset (``config.root`` on that site; only ``train_split`` is read), split into its
+    training share and a held-out ``client_test_fraction`` (seeded by ``config.seed`` and ``site``), with the
+    partial-label masking of ``config`` applied to the training share only. Nothing is partitioned: the whole
+    split belongs to the site."""
+    from fedmpt.data import load_dataset
+    from fedmpt.partition import mask_partial_labels
+
+    options: dict[str, Any] = dict(config.dataset_options)
+    train = load_dataset(config.dataset, config.root, config.train_split, transform=backbone.preprocess, **options)
+    features = extract_features(backbone, train, train.labels, data_id=train.fingerprint(), cache=cache)
+    labels = np.asarray(train.labels)
+    masked = (
+        mask_partial_labels(labels, config.partial_label_rate, seed=config.seed, mode=config.partial_label_mode)
+        if config.partial_label_rate > 0
+        else labels
+    )
+    held, kept = _hold_out(np.arange(len(train)), config.client_test_fraction, config.seed, site)
+    shard = features.subset(kept)
+    return SiteData(
+        classnames=tuple(train.classnames),
+        train=FeatureData(shard.global_features, shard.patch_features, masked[kept]),
+        test=features.subset(held),
+    )
+
+
+def _hold_out(indices: np.ndarray, fraction: float, seed: int, client: int) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out, kept) sorted indices: ``round(fraction * n)`` of ``indices`` drawn with seed (seed, 7, client),
+    at least one of each when ``fraction > 0`` and there are two or more."""
+    order = np.random.default_rng([seed, 7, client]).permutation(indices)
+    n_test = int(round(fraction * len(order)))
+    if fraction > 0 and len(order) >= 2:
+        n_test = min(max(n_test, 1), len(order) - 1)
+    return np.sort(order[:n_test]), np.sort(order[n_test:])

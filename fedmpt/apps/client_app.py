@@ -23,7 +23,9 @@ from fedmpt.apps.secure_aggregation import client_evaluate, client_train
 def _client_data(context: Context, overrides: Mapping[str, Any]) -> tuple[AppConfig, int, task.ClientData]:
     config = read_app_config({**context.run_config, **overrides})
     node = read_node_config(context.node_config)
-    data = task.load_client_data(config.task, node.partition_id, node.num_partitions, config.federation.seed)
+    data = task.load_client_data(
+        config.task, node.partition_id, node.num_partitions, config.federation.seed, data_root=node.data_root
+    )
     return config, node.partition_id, data
 
 

@@ -93,10 +93,13 @@ class NodeConfig:
 
     partition_id: int
     num_partitions: int
+    data_root: str = ""  # the site's own dataset folder (deployment), else "" (a partition of the run's dataset)
 
     def __post_init__(self) -> None:
         _int("num-partitions", self.num_partitions, 1, where="node config")
         _int("partition-id", self.partition_id, 0, where="node config")
+        if not isinstance(self.data_root, str):
+            raise ConfigError(f"node config 'data-root' must be a path string, got {self.data_root!r}")
         if self.partition_id >= self.num_partitions:
             raise ConfigError(
                 f"node config 'partition-id' must be < num-partitions={self.num_partitions}, got {self.partition_id}"
@@ -164,7 +167,11 @@ def read_node_config(node_config: Mapping[str, Any]) -> NodeConfig:
             f"node config lacks {missing}; start the SuperNode with "
             f'--node-config "partition-id=<k> num-partitions=<n>", got {dict(node_config)!r}'
         )
-    return NodeConfig(partition_id=node_config["partition-id"], num_partitions=node_config["num-partitions"])
+    return NodeConfig(
+        partition_id=node_config["partition-id"],
+        num_partitions=node_config["num-partitions"],
+        data_root=node_config.get("data-root", ""),
+    )
 
 
 _PAIR = re.compile(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""")

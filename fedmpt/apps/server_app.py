@@ -304,7 +304,10 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
                 fed.min_clients,
             )
         encrypted = secure is not None and secure.encrypted_model  # CKKS: only clients can decrypt and evaluate
-        global_metrics = {} if encrypted else task.evaluate(arrays, global_test, config.task, run_seed=fed.seed)
+        federated = encrypted or global_test is None  # no key or no data on the server: clients evaluate
+        global_metrics: dict[str, float] = {}
+        if global_test is not None and not encrypted:
+            global_metrics = task.evaluate(arrays, global_test, config.task, run_seed=fed.seed)
         eval_chosen = _evaluation_sample(len(client_ids), fed.fraction_evaluate, server_round, fed.seed)
         eval_targets = {client_ids[i]: available[client_ids[i]] for i in eval_chosen}
         eval_replies, eval_failures, eval_bytes = _exchange(
@@ -318,7 +321,7 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
         )
         if eval_failures:
             extra["evaluate_failed"] = [f.to_json() for f in eval_failures]
-        if encrypted:  # global metrics = example-weighted mean of the clients' metrics on their own test splits
+        if federated:  # global metrics = example-weighted mean of the clients' metrics on their own test splits
             global_metrics = ServerSecureAggregation.federated_metrics(
                 {str(r.client_id): r.metrics for r in eval_replies}
             )

@@ -48,7 +48,9 @@ from fedmpt.federated import (
     PARTITIONERS,
     DatasetFederation,
     DatasetFederationConfig,
+    SiteData,
     dataset_federation,
+    site_data,
     world_dataset_features,
 )
 from fedmpt.methods import METHODS, Method, build_method
@@ -113,8 +115,12 @@ class TaskConfig:
                     f"('spurious'); got {self.partition!r}"
                 )
         else:
-            if not self.data_root:
-                raise ConfigError(f"run config 'data-root' is required for dataset {self.dataset!r}")
+            if not self.data_root and _builtin_classnames(self.dataset) is None:
+                raise ConfigError(
+                    f"run config 'data-root' is required for dataset {self.dataset!r}: it has no built-in class "
+                    "list, so the server must read the dataset (sites may still bring their own, node config "
+                    "'data-root')"
+                )
             if self.partition not in ("", *PARTITIONERS):
                 raise ConfigError(
                     f"run config 'partition' must be one of {list(PARTITIONERS)} for dataset {self.dataset!r}, "
@@ -145,11 +151,12 @@ class TaskConfig:
     def synthetic(self) -> bool:
         return self.dataset == "synthetic"
 
-    def dataset_config(self, seed: int) -> DatasetFederationConfig:
-        """The real-dataset federation this task runs on (``dataset`` other than ``synthetic``)."""
+    def dataset_config(self, seed: int, root: str = "") -> DatasetFederationConfig:
+        """The real-dataset federation this task runs on (``dataset`` other than ``synthetic``), at ``root``
+        (default: the run config's ``data-root``)."""
         return DatasetFederationConfig(
             dataset=self.dataset,
-            root=self.data_root,
+            root=root or self.data_root,
             train_split=self.train_split,
             test_split=self.test_split,
             num_clients=self.num_clients,
@@ -198,6 +205,14 @@ def parse_dataset_options(text: str) -> tuple[tuple[str, object], ...]:
                 continue
         options.append((name.strip(), value))
     return tuple(options)
+
+
+def _builtin_classnames(dataset: str) -> tuple[str, ...] | None:
+    from fedmpt.data import BUILTIN_CLASSNAMES
+
+    key = "coco2014" if dataset == "coco2017" else dataset  # the same 80 categories
+    names = BUILTIN_CLASSNAMES.get(key)
+    return None if names is None else tuple(names)
 
 
 def _check_int(key: str, value: object, low: int) -> None:
@@ -266,11 +281,23 @@ def _backbone(name: str, checkpoint: str) -> Backbone:
 @functools.lru_cache(maxsize=4)
 def _method_and_initial_state(config: TaskConfig, seed: int) -> tuple[Method, Arrays]:
     backbone = _backbone(config.backbone, config.backbone_checkpoint)
-    classnames = _world(config, seed).classnames if config.synthetic else _real(config, seed).classnames
+    classnames = _classnames(config, seed)
     conditions = _conditions(config, classnames)
     method = build_method(config.method, backbone, classnames, conditions, init_seed=seed)
     # The cached module is trained in place by every update; its seeded initial state is kept apart.
     return method, to_arrays(method.trainable_state())
+
+
+def _classnames(config: TaskConfig, seed: int) -> tuple[str, ...]:
+    """The task's class list: the world's, the dataset's at ``data-root``, or (sites bring their own data) the
+    dataset's built-in list."""
+    if config.synthetic:
+        return tuple(_world(config, seed).classnames)
+    if config.data_root:
+        return _real(config, seed).classnames
+    names = _builtin_classnames(config.dataset)
+    assert names is not None  # TaskConfig refuses a dataset without data-root or a built-in list
+    return names
 
 
 def _conditions(config: TaskConfig, classnames: Sequence[str]) -> tuple[str, ...]:
@@ -302,6 +329,12 @@ def _real(config: TaskConfig, seed: int) -> DatasetFederation:
     return dataset_federation(backbone, config.dataset_config(seed), _cache(config))
 
 
+@functools.lru_cache(maxsize=4)
+def _site_data(config: TaskConfig, data_root: str, partition_id: int, seed: int) -> SiteData:
+    backbone = _backbone(config.backbone, config.backbone_checkpoint)
+    return site_data(backbone, config.dataset_config(seed, root=data_root), partition_id, _cache(config))
+
+
 def _cache(config: TaskConfig) -> FeatureCache:
     root = config.cache_dir or os.environ.get("FEDMPT_CACHE") or str(Path.home() / ".cache" / "fedmpt")
     return FeatureCache(Path(root) / "features")
@@ -322,8 +355,31 @@ def initial_arrays(config: TaskConfig, seed: int) -> Arrays:
     return {name: a.copy() for name, a in _method_and_initial_state(config, seed)[1].items()}
 
 
-def load_client_data(config: TaskConfig, partition_id: int, num_partitions: int, seed: int) -> ClientData:
-    """Client ``partition_id``'s train and test features; ``num_partitions`` must equal ``num-clients``."""
+def load_client_data(
+    config: TaskConfig, partition_id: int, num_partitions: int, seed: int, data_root: str = ""
+) -> ClientData:
+    """Client ``partition_id``'s train and test features; ``num_partitions`` must equal ``num-clients``.
+
+    ``data_root`` (the node config's ``data-root``): the site's own copy of the dataset, used whole (its
+    ``train-split``, minus the held-out ``client-test-fraction``) instead of partition ``partition_id`` of the
+    run config's ``data-root``.
+    """
+    if data_root:
+        if config.synthetic:
+            raise ConfigError("node config 'data-root' names a site's own dataset; the synthetic world has none")
+        site = _site_data(config, data_root, partition_id, seed)
+        expected = _classnames(config, seed)
+        if site.classnames != expected:
+            raise ConfigError(
+                f"node config 'data-root' {data_root!r}: the site's classes {list(site.classnames)} differ from "
+                f"the task's {list(expected)} (same names, same order needed)"
+            )
+        return ClientData(train=site.train, test=site.test)
+    if not config.synthetic and not config.data_root:
+        raise ConfigError(
+            f"client {partition_id} has no data: set node config 'data-root' (the site's own {config.dataset!r}) "
+            "or run config 'data-root' (a dataset every process can read, partitioned among the clients)"
+        )
     if num_partitions != config.num_clients:
         raise ConfigError(
             f"node config num-partitions={num_partitions} differs from run config num-clients={config.num_clients}"
@@ -347,10 +403,12 @@ def _client_data(config: TaskConfig, partition_id: int, seed: int) -> ClientData
     )
 
 
-def load_global_test(config: TaskConfig, seed: int) -> GlobalTest:
-    """The global test features: decorrelated and in-distribution (synthetic), or the test split (real)."""
+def load_global_test(config: TaskConfig, seed: int) -> GlobalTest | None:
+    """The global test features: decorrelated and in-distribution (synthetic), the test split (a real dataset
+    at the run config's ``data-root``), or ``None`` when the server holds no data (sites bring their own; the
+    server then reports the clients' federated evaluation)."""
     if not config.synthetic:
-        return GlobalTest(decorrelated=_real(config, seed).test)
+        return GlobalTest(decorrelated=_real(config, seed).test) if config.data_root else None
     backbone = _backbone(config.backbone, config.backbone_checkpoint)
     world, cache = _world(config, seed), _cache(config)
     return GlobalTest(
@@ -361,8 +419,9 @@ def load_global_test(config: TaskConfig, seed: int) -> GlobalTest:
 
 def max_client_examples(config: TaskConfig, seed: int) -> int:
     """The largest training-example count of any client: the weight bound secure aggregation provisions for
-    (``train-per-client`` on the synthetic world; the largest partition of a real dataset)."""
-    if config.synthetic:
+    (``train-per-client`` on the synthetic world and for sites that bring their own data; the largest partition
+    of a real dataset at the run config's ``data-root``)."""
+    if config.synthetic or not config.data_root:  # sites' own data: train-per-client is the declared bound
         return config.train_per_client
     return max(len(d) for d in _real(config, seed).clients_train)
 

@@ -57,7 +57,8 @@ def test_run_config_selects_and_validates_a_real_dataset(csv_dataset: Path, tmp_
     assert config.dataset_config(0).partition == "label-cluster"
     assert config.dataset_config(0).dataset_options == (("classnames_file", "classes.txt"),)
     with pytest.raises(ConfigError, match="data-root"):
-        task.task_config_from({"dataset": "voc2007"})
+        task.task_config_from({"dataset": "csv"})  # no built-in class list: the server must read the data
+    assert task.task_config_from({"dataset": "voc2007"}).data_root == ""  # sites bring the data
     with pytest.raises(ConfigError, match="dataset"):
         task.task_config_from({"dataset": "imagenet", "data-root": "/x"})
     with pytest.raises(ConfigError, match="partition"):
@@ -86,3 +87,59 @@ def test_masked_aggregation_on_a_real_dataset_bounds_weights_by_the_largest_part
     (line,) = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert line["status"] == "ok" and line["clients_replied"] == [0, 1, 2]
     assert line["secure_aggregation"] == "masking"
+
+
+def _sites(root: Path, tmp_path: Path, n: int) -> list[Path]:
+    """Split the CSV dataset's training rows among ``n`` site folders (each its own train.csv and classes.txt)."""
+    rows = (root / "train.csv").read_text().splitlines()
+    sites = []
+    for k in range(n):
+        site = tmp_path / f"site{k}"
+        site.mkdir()
+        (site / "images").symlink_to(root / "images")
+        (site / "classes.txt").write_text((root / "classes.txt").read_text())
+        (site / "train.csv").write_text("\n".join([rows[0], *rows[1 + k :: n]]) + "\n")
+        sites.append(site)
+    return sites
+
+
+@pytest.mark.parametrize("server_has_data", [True, False])
+def test_sites_bring_their_own_data_through_the_node_config(
+    csv_dataset: Path,
+    tmp_path: Path,
+    fake_grid: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+    server_has_data: bool,
+) -> None:
+    from fedmpt.data import BUILTIN_CLASSNAMES
+
+    sites = _sites(csv_dataset, tmp_path, 3)  # 20 training rows each: 16 to train, 4 held out
+    config = _run_config(csv_dataset, tmp_path)
+    if not server_has_data:  # a dataset with a built-in class list needs no data on the server
+        monkeypatch.setitem(BUILTIN_CLASSNAMES, "csv", ("red", "green", "blue", "yellow"))
+        config["data-root"] = ""
+    grid = fake_grid(build_client_app(), {5: 0, 6: 1, 7: 2}, run_config=config)
+    for node_id, site in zip((5, 6, 7), sites, strict=True):
+        grid.contexts[node_id].node_config["data-root"] = str(site)
+    run = run_federation(grid, read_app_config(config))
+    lines = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert all(x["clients_replied"] == [0, 1, 2] for x in lines)
+    assert all(x["train"][c]["num-examples"] == 16 for x in lines for c in ("0", "1", "2"))
+    glob = lines[-1]["global"]
+    if server_has_data:
+        assert glob["num_examples"] == 20  # the server's own test split
+    else:  # federated evaluation: the example-weighted mean over the sites' held-out shares
+        assert glob["num_examples"] == 12
+        per_site = lines[-1]["clients"]
+        expected = sum(per_site[c]["mAP"] * per_site[c]["num_examples"] for c in per_site) / 12
+        assert glob["mAP"] == pytest.approx(expected)
+
+
+def test_a_site_with_other_classes_or_no_data_is_refused(csv_dataset: Path, tmp_path: Path) -> None:
+    app = read_app_config(_run_config(csv_dataset, tmp_path))
+    site = _sites(csv_dataset, tmp_path, 1)[0]
+    (site / "classes.txt").write_text("green\nred\nblue\nyellow\n")
+    with pytest.raises(ConfigError, match="differ"):
+        task.load_client_data(app.task, 0, 3, 0, data_root=str(site))
+    with pytest.raises(ConfigError, match="no data"):  # VOC's classes are built in, but this node has no images
+        task.load_client_data(task.task_config_from({"dataset": "voc2007"}), 0, 5, 0)
