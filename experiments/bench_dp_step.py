@@ -20,9 +20,10 @@ the broken variants, ``--audit-trials`` releases per arm.
 
 Part 3 (utility): FedAvg over the world's clients with ``dp_client_update`` (sigma calibrated for the whole
 run, every client every round) and the non-DP loop, test mAP on the in-distribution global test set. Clip
-norms are fixed per mode (``--clip-feature``, ``--clip-exact``) near the median per-sample norm of each
-mode's released vector at initialisation with the bundled tiny CLIP (0.59 and 6.7: the spaces differ by ~11x),
-so that both modes clip alike.
+norms are fixed per mode (``--clip-feature``, ``--clip-exact``), in the same proportion to each mode's median
+per-sample norm at initialisation so that both modes clip alike: the defaults 0.6 and 7 are about a quarter of
+the medians with the shipped tiny CLIP (2.1-2.8 and 30-34; they were the medians with an earlier checkpoint);
+``--clip-feature 2.5 --clip-exact 30`` puts both at the median (``docs/privacy_dpsgd.md`` shows both).
 
 Writes ``results.json`` and ``results.md`` under ``--out`` (default ``experiments/out/bench_dp_step``).
 """
