@@ -10,8 +10,8 @@ client 0's features. Variants, interleaved round-robin in one process so that th
 machine's load: ``nondp`` (the library's step: mean asymmetric loss, backward, SGD; Sinkhorn with early
 stopping), ``nondp-fixed`` (same, Sinkhorn with the fixed iterations that only a differentiable plan needs
 under DP; for reference), ``dp-feature`` and ``dp-exact`` (per-sample gradients with the batch's detached plans
-solved once outside ``vmap`` with early stopping, Opacus clipping and noise, SGD). Peak resident memory of each variant is
-measured as the peak growth of the resident set over two steps, polled every millisecond, each variant in a
+solved once outside ``vmap`` with early stopping, Opacus clipping and noise, SGD). Peak resident memory of each
+variant is measured as the peak growth of the resident set over two steps, polled every millisecond, each variant in a
 fresh process with glibc returning large blocks at once (tracemalloc cannot see torch's allocator); the exact
 mode also with vjp chunks of 1 and 32.
 
