@@ -137,7 +137,7 @@ def main() -> None:
     }
     payload = {"args": vars(args), "results": results, "summary": summary, "step_seconds": timing}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))
+    args.out.with_name(args.out.name + ".json").write_text(json.dumps(payload, indent=2, default=str))
     lines = [
         f"Seeds {args.seeds}, {args.clients} clients, {args.rounds} rounds, lr {args.lr}, spurious strength "
         f"{args.spurious_strength}; percent, mean +- std over seeds.",
@@ -157,7 +157,7 @@ def main() -> None:
             + f" | {1000 * t['cached']:.1f} | {1000 * t['uncached']:.1f} |"
         )
     table = "\n".join(lines)
-    args.out.with_suffix(".md").write_text(table + "\n")
+    args.out.with_name(args.out.name + ".md").write_text(table + "\n")
     print(table)
     best_baseline = max(summary[b]["decorrelated/mAP"][0] for b in ("promptfl", "dualcoop") if b in summary)
     if "fedmpt" in summary:
