@@ -25,6 +25,18 @@ class ConditionsError(FedMPTError):
     """A conditions file is malformed, or was made for another class list."""
 
 
+class RunDirectoryError(FedMPTError):
+    """A run directory is missing, already finished, inconsistent or was made for another config."""
+
+
+class FederationError(FedMPTError):
+    """The federation cannot go on (too few clients connected, conflicting partitions)."""
+
+
+class SecureAggregationError(FedMPTError):
+    """A secure-aggregation stage cannot be run by this node (missing keys, foreign message, bad state)."""
+
+
 def check_positive_int(owner: str, name: str, value: object) -> int:
     """``value`` if it is an integer >= 1 (not a bool); else a :class:`ConfigError` naming ``owner.name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -49,7 +49,7 @@ from numpy.typing import NDArray
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_save
 
-from fedmpt.errors import ConfigError, FedMPTError
+from fedmpt.errors import ConfigError, RunDirectoryError
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +72,6 @@ class RunFile(StrEnum):
     STATE = "state.json"
     FINAL = "final.safetensors"
     CHECKPOINTS = "checkpoints"
-
-
-class RunDirectoryError(FedMPTError):
-    """A run directory is missing, already finished, inconsistent or was made for another config."""
 
 
 @dataclass(frozen=True)

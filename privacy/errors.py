@@ -58,3 +58,7 @@ class BudgetExhausted(PrivacyError):
             f"privacy budget exhausted for node {node_id!r}: epsilon ({accountant}) is {current_epsilon:.6g} "
             f"and this release would bring it to {requested_epsilon:.6g} > max_epsilon={max_epsilon:.6g}"
         )
+
+
+class DPIncompatibleError(PrivacyError, ConfigError):
+    """A model configuration whose per-sample gradients cannot be guaranteed exact (message says which part)."""

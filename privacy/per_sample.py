@@ -45,7 +45,6 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fedmpt.errors import ConfigError
 from fedmpt.methods.base import Method
 from fedmpt.model.adapters import ConditionAdapters
 from fedmpt.model.asymmetric_loss import asymmetric_loss
@@ -53,7 +52,7 @@ from fedmpt.model.gate import ConditionGate
 from fedmpt.model.prompts import PromptBank
 from fedmpt.model.sinkhorn import ConditionTransport
 from fedmpt.training import TrainConfig
-from privacy.errors import PrivacyError
+from privacy.errors import DPIncompatibleError
 
 __all__ = [
     "DPIncompatibleError",
@@ -81,10 +80,6 @@ _KNOWN_OWNERS: tuple[type[nn.Module], ...] = (
 #: Layer types that mix the samples of a batch in training mode (batch statistics) or are random.
 _BATCH_COUPLED: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 _RANDOM: tuple[type[nn.Module], ...] = (nn.modules.dropout._DropoutNd,)
-
-
-class DPIncompatibleError(PrivacyError, ConfigError):
-    """A model configuration whose per-sample gradients cannot be guaranteed exact (message says which part)."""
 
 
 @dataclass(frozen=True)

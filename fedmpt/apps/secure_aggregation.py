@@ -85,7 +85,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedmpt.errors import ConfigError, FedMPTError
+from fedmpt.errors import ConfigError, SecureAggregationError
 from fedmpt.rundir import ClientFailure
 from secagg import masking, wire
 from secagg.config import MaskingConfig
@@ -166,10 +166,6 @@ SECAGG_DEFAULTS: dict[str, Any] = {
     "secagg-neighbours": 0,
     "secagg-clip-range": 1.0,
 }
-
-
-class SecureAggregationError(FedMPTError):
-    """A secure-aggregation stage cannot be run by this node (missing keys, foreign message, bad state)."""
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from fedmpt.apps import privacy_hooks, task
 from fedmpt.apps.config import AppConfig, read_app_config
 from fedmpt.apps.messages import Key, RecordName, from_array_record, to_array_record
 from fedmpt.apps.secure_aggregation import ServerSecureAggregation
-from fedmpt.errors import FedMPTError
+from fedmpt.errors import FederationError
 from fedmpt.partition import sample_participants
 from fedmpt.rundir import ClientFailure, RoundRecord, RunDirectory
 
@@ -49,10 +49,6 @@ logger = logging.getLogger("flwr.fedmpt.server")
 _POLL_S = 0.5
 _EVALUATION_STREAM = 1
 _PROGRESS_KEYS = ("mAP", "CF1", "OF1", "iid-mAP")
-
-
-class FederationError(FedMPTError):
-    """The federation cannot go on (too few clients connected, conflicting partitions)."""
 
 
 @dataclass(frozen=True)
