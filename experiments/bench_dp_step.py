@@ -20,10 +20,10 @@ the broken variants, ``--audit-trials`` releases per arm.
 
 Part 3 (utility): FedAvg over the world's clients with ``dp_client_update`` (sigma calibrated for the whole
 run, every client every round) and the non-DP loop, test mAP on the in-distribution global test set. Clip
-norms are fixed per mode (``--clip-feature``, ``--clip-exact``), in the same proportion to each mode's median
-per-sample norm at initialisation so that both modes clip alike: the defaults 0.6 and 7 are about a quarter of
-the medians with the shipped tiny CLIP (2.1-2.8 and 30-34; they were the medians with an earlier checkpoint);
-``--clip-feature 2.5 --clip-exact 30`` puts both at the median (``docs/privacy_dpsgd.md`` shows both).
+norms are fixed per mode (``--clip-feature``, ``--clip-exact``). Part 0 (norms) reports each mode's per-sample
+norm at initialisation, the reference for them: with the shipped tiny CLIP the defaults 0.6 and 7 are a fifth and
+a seventh of the medians (they were the medians with an earlier checkpoint); ``--clip-feature 2.5 --clip-exact
+30`` puts both near the median (``docs/privacy_dpsgd.md`` shows both).
 
 Writes ``results.json`` and ``results.md`` under ``--out`` (default ``experiments/out/bench_dp_step``).
 """
@@ -311,6 +311,27 @@ def _one_run(
     return rows
 
 
+def _norms(backbone: Backbone, classnames: tuple[str, ...], clients: tuple[FeatureData, ...], batch: int) -> dict:
+    """Per-sample gradient norms at initialisation of the vector each mode clips (feature: non-prompt gradients
+    and text-feature cotangents; exact: non-prompt and prompt gradients), on the first ``batch`` rows of every
+    client: median and quartiles, the reference for choosing ``--clip-feature`` / ``--clip-exact``."""
+    method = _method(backbone, classnames, dp=True)
+    spaces: dict[str, list[float]] = {"feature": [], "exact": []}
+    for data in clients:
+        rows = slice(0, batch)
+        grads = per_sample_gradients(
+            method, data.global_features[rows], data.patch_features[rows], data.labels[rows], TrainConfig()
+        )
+        other = [g.flatten(1) for g in grads.other.values()]
+        prompts = [g.flatten(1) for g in grads.prompt_gradients().values()]
+        spaces["feature"] += torch.cat([*other, grads.text_cotangents.flatten(1)], 1).norm(dim=1).tolist()
+        spaces["exact"] += torch.cat([*other, *prompts], 1).norm(dim=1).tolist()
+    return {
+        mode: dict(zip(("q25", "median", "q75"), np.percentile(values, [25, 50, 75]).tolist(), strict=True))
+        for mode, values in spaces.items()
+    }
+
+
 def _summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     groups: dict[str, list[float]] = {}
     for row in rows:
@@ -321,6 +342,11 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def _markdown(result: dict[str, Any]) -> str:
     lines = [f"Backbone: {result['backbone']}; torch threads: {result['settings']['threads']}; {result['machine']}"]
+    for mode, n in result.get("per_sample_norms", {}).items():
+        lines.append(
+            f"Per-sample norm at initialisation, {mode} space: median {n['median']:.3g} "
+            f"(quartiles {n['q25']:.3g}-{n['q75']:.3g})"
+        )
     t: dict[str, Any] = result.get("timing") or {}
     memory = result.get("memory", {})
     if t or memory:
@@ -401,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-child", nargs=2, metavar=("VARIANT", "CHUNK"), help=argparse.SUPPRESS)
     parser.add_argument("--audit-trials", type=int, default=2000, help="canary-audit trials per arm (0: skip)")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-norms", action="store_true", help="skip the per-sample norms at initialisation")
     parser.add_argument("--clip-feature", type=float, default=0.6, help="C of the feature-space mode")
     parser.add_argument("--clip-exact", type=float, default=7.0, help="C of the exact mode")
     parser.add_argument("--modes", nargs="+", default=["feature", "exact"], choices=["feature", "exact"])
@@ -429,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_timing:
         result["timing"] = _timing(settings, backbone, classnames, clients[0])
         logger.info("timing: %s", result["timing"]["median_seconds"])
+    if not args.skip_norms:
+        result["per_sample_norms"] = _norms(backbone, classnames, clients, settings.batch)
+        logger.info("per-sample norms at initialisation: %s", result["per_sample_norms"])
     if args.audit_trials:
         result["audit"] = _audits(backbone, classnames, clients[0], args.audit_trials)
         result["one_run_audit"] = _one_run(backbone, classnames, clients[0], clips)

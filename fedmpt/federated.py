@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from fedmpt.training import (
     extract_features,
 )
 from fedmpt.world.dataset import FederatedWorld, WorldDataset
+
+if TYPE_CHECKING:
+    from fedmpt.data import MultiLabelDataset
 
 logger = logging.getLogger(__name__)
 
@@ -193,30 +196,22 @@ def dataset_federation(
         ConfigError: unknown dataset or partitioner, or a partition that leaves a client without data.
         DatasetError: the dataset's files are missing or malformed (from the loader).
     """
-    from fedmpt.data import check_same_classnames, load_dataset
-    from fedmpt.partition import dirichlet_partition, fit_label_clusters, mask_partial_labels
+    from fedmpt.data import check_same_classnames
+    from fedmpt.partition import dirichlet_partition, fit_label_clusters
 
-    options: dict[str, Any] = dict(config.dataset_options)
-    train = load_dataset(config.dataset, config.root, config.train_split, transform=backbone.preprocess, **options)
-    test = load_dataset(config.dataset, config.root, config.test_split, transform=backbone.preprocess, **options)
-    check_same_classnames([train, test])
+    train = _load_split(backbone, config, config.train_split)
+    test = _load_split(backbone, config, config.test_split)
+    check_same_classnames([train, test])  # before encoding anything
+    train_features, test_features = _encode(backbone, train, cache), _encode(backbone, test, cache)
     if config.partition == "label-cluster":
         partition = fit_label_clusters(train.labels, config.num_clients, seed=config.seed).train_partition
     else:
         partition = dirichlet_partition(train.labels, config.num_clients, config.dirichlet_alpha, seed=config.seed)
-    train_features = extract_features(backbone, train, train.labels, data_id=train.fingerprint(), cache=cache)
-    test_features = extract_features(backbone, test, test.labels, data_id=test.fingerprint(), cache=cache)
-    masked = (
-        mask_partial_labels(train.labels, config.partial_label_rate, seed=config.seed, mode=config.partial_label_mode)
-        if config.partial_label_rate > 0
-        else np.asarray(train.labels)
-    )
-    clients_train, clients_test = [], []
-    for k, indices in enumerate(partition.client_indices):
-        held, kept = _hold_out(indices, config.client_test_fraction, config.seed, k)
-        shard = train_features.subset(kept)
-        clients_train.append(FeatureData(shard.global_features, shard.patch_features, masked[kept]))
-        clients_test.append(train_features.subset(held))
+    masked = _training_labels(train.labels, config)
+    shares = [
+        _client_shares(train_features, masked, indices, config, k) for k, indices in enumerate(partition.client_indices)
+    ]
+    clients_train, clients_test = [train_k for train_k, _ in shares], [test_k for _, test_k in shares]
     logger.info("dataset %s: partition %s sizes %s", config.dataset, config.partition, partition.sizes())
     return DatasetFederation(
         classnames=tuple(train.classnames),
@@ -243,25 +238,43 @@ def site_data(
     training share and a held-out ``client_test_fraction`` (seeded by ``config.seed`` and ``site``), with the
     partial-label masking of ``config`` applied to the training share only. Nothing is partitioned: the whole
     split belongs to the site."""
+    train = _load_split(backbone, config, config.train_split)
+    features = _encode(backbone, train, cache)
+    masked = _training_labels(train.labels, config)
+    train_share, test_share = _client_shares(features, masked, np.arange(len(train)), config, site)
+    return SiteData(classnames=tuple(train.classnames), train=train_share, test=test_share)
+
+
+def _load_split(backbone: Backbone, config: DatasetFederationConfig, split: str) -> MultiLabelDataset:
+    """Split ``split`` of the dataset of ``config``, read with the backbone's image transform."""
     from fedmpt.data import load_dataset
-    from fedmpt.partition import mask_partial_labels
 
     options: dict[str, Any] = dict(config.dataset_options)
-    train = load_dataset(config.dataset, config.root, config.train_split, transform=backbone.preprocess, **options)
-    features = extract_features(backbone, train, train.labels, data_id=train.fingerprint(), cache=cache)
-    labels = np.asarray(train.labels)
-    masked = (
-        mask_partial_labels(labels, config.partial_label_rate, seed=config.seed, mode=config.partial_label_mode)
-        if config.partial_label_rate > 0
-        else labels
-    )
-    held, kept = _hold_out(np.arange(len(train)), config.client_test_fraction, config.seed, site)
+    return load_dataset(config.dataset, config.root, split, transform=backbone.preprocess, **options)
+
+
+def _encode(backbone: Backbone, data: MultiLabelDataset, cache: FeatureCache | None) -> FeatureData:
+    """Frozen features of ``data`` (encoded once, cached by the dataset's fingerprint)."""
+    return extract_features(backbone, data, data.labels, data_id=data.fingerprint(), cache=cache)
+
+
+def _training_labels(labels: np.ndarray, config: DatasetFederationConfig) -> np.ndarray:
+    """The training labels with the partial-label masking of ``config`` applied (unchanged at rate 0)."""
+    from fedmpt.partition import mask_partial_labels
+
+    if config.partial_label_rate <= 0:
+        return np.asarray(labels)
+    return mask_partial_labels(labels, config.partial_label_rate, seed=config.seed, mode=config.partial_label_mode)
+
+
+def _client_shares(
+    features: FeatureData, masked: np.ndarray, indices: np.ndarray, config: DatasetFederationConfig, client: int
+) -> tuple[FeatureData, FeatureData]:
+    """Client ``client``'s rows ``indices`` of ``features``: its training share (with the ``masked`` labels) and
+    its held-out test share (original labels), split by :func:`_hold_out`."""
+    held, kept = _hold_out(indices, config.client_test_fraction, config.seed, client)
     shard = features.subset(kept)
-    return SiteData(
-        classnames=tuple(train.classnames),
-        train=FeatureData(shard.global_features, shard.patch_features, masked[kept]),
-        test=features.subset(held),
-    )
+    return FeatureData(shard.global_features, shard.patch_features, masked[kept]), features.subset(held)
 
 
 def _hold_out(indices: np.ndarray, fraction: float, seed: int, client: int) -> tuple[np.ndarray, np.ndarray]:

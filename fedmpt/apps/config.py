@@ -18,11 +18,12 @@ import math
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedmpt.apps.privacy_hooks import PRIVACY_DEFAULTS, PrivacyRunConfig, privacy_config_from
+from fedmpt.apps.run_config import from_run_config, run_config_defaults
 from fedmpt.apps.secure_aggregation import SECAGG_DEFAULTS, SecureAggregationConfig, secure_aggregation_config_from
 from fedmpt.apps.task import TASK_DEFAULTS, TaskConfig, task_config_from
 from fedmpt.errors import ConfigError
@@ -106,11 +107,7 @@ class NodeConfig:
             )
 
 
-def _key(field_name: str) -> str:
-    return field_name.replace("_", "-")
-
-
-FEDERATION_DEFAULTS: dict[str, Any] = {_key(f.name): f.default for f in fields(FederationConfig)}
+FEDERATION_DEFAULTS: dict[str, Any] = run_config_defaults(FederationConfig)
 DEFAULTS: dict[str, Any] = {**FEDERATION_DEFAULTS, **TASK_DEFAULTS, **PRIVACY_DEFAULTS, **SECAGG_DEFAULTS}
 KNOWN_KEYS: tuple[str, ...] = tuple(sorted(DEFAULTS))
 _BOOKKEEPING_KEYS = frozenset({"run-name", "runs-dir", "resume"})
@@ -142,13 +139,7 @@ def read_app_config(run_config: Mapping[str, Any]) -> AppConfig:
     if unknown:
         raise ConfigError(f"unknown run config key(s) {unknown}; known keys: {', '.join(KNOWN_KEYS)}")
     resolved = {**DEFAULTS, **dict(run_config)}
-    federation_kwargs: dict[str, Any] = {}
-    for f in fields(FederationConfig):
-        value = resolved[_key(f.name)]
-        if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)  # TOML and --run-config write 1 for 1.0
-        federation_kwargs[f.name] = value
-    federation = FederationConfig(**federation_kwargs)
+    federation = from_run_config(FederationConfig, resolved)
     task = task_config_from({k: resolved[k] for k in TASK_DEFAULTS})
     privacy = privacy_config_from({k: resolved[k] for k in PRIVACY_DEFAULTS})
     secure = secure_aggregation_config_from({k: resolved[k] for k in SECAGG_DEFAULTS})

@@ -28,13 +28,19 @@ Protocol of one round (message types are Flower's ``query``/``train``/``evaluate
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterable, Iterator, Mapping
 from enum import StrEnum
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Message
+from flwr.serverapp import Grid
 from numpy.typing import NDArray
+
+from fedmpt.rundir import ClientFailure
+
+logger = logging.getLogger("flwr.fedmpt.server")  # the exchanges are the server's: its log shows them
 
 
 class RecordName(StrEnum):
@@ -62,3 +68,40 @@ def to_array_record(arrays: Mapping[str, NDArray[Any]]) -> ArrayRecord:
 def from_array_record(record: ArrayRecord) -> dict[str, NDArray[Any]]:
     """The numpy arrays of an ``ArrayRecord`` by name."""
     return {name: array.numpy() for name, array in record.items()}
+
+
+def collect_replies(
+    grid: Grid,
+    messages: Iterable[Message],
+    client_of: Mapping[int, int],
+    timeout_s: float,
+    failures: list[ClientFailure],
+    *,
+    label: str,
+    failure_prefix: str = "",
+) -> Iterator[tuple[int, int, Message]]:
+    """Send ``messages`` and yield ``(client id, node id, reply)`` for each error-free first reply of a node in
+    ``client_of`` (node id -> client id).
+
+    Replies from other nodes, and second replies, are logged and ignored. An error reply, and (once the replies
+    are exhausted) every node that did not answer within ``timeout_s``, is appended to ``failures`` with a reason
+    starting with ``failure_prefix``; the caller appends its own failures (malformed replies) in between, so the
+    list keeps the order in which things happened. ``label`` names the exchange in the log.
+    """
+    answered: set[int] = set()
+    for reply in grid.send_and_receive(messages, timeout=timeout_s):
+        node_id = reply.metadata.src_node_id
+        if node_id not in client_of or node_id in answered:
+            logger.warning("ignoring an unexpected %s reply from node %s", label, node_id)
+            continue
+        answered.add(node_id)
+        client_id = client_of[node_id]
+        if reply.has_error():
+            reason = f"{failure_prefix}error {reply.error.code}: {reply.error.reason}"
+            failures.append(ClientFailure(node_id, reason, client_id=client_id))
+            continue
+        yield client_id, node_id, reply
+    for node_id, client_id in client_of.items():
+        if node_id not in answered:
+            reason = f"{failure_prefix}no reply within {timeout_s:g} s"
+            failures.append(ClientFailure(node_id, reason, client_id=client_id))

@@ -47,6 +47,7 @@ from flwr.serverapp import Grid
 from numpy.typing import NDArray
 
 from fedmpt.apps import task
+from fedmpt.apps.run_config import from_run_config, run_config_defaults
 from fedmpt.errors import ConfigError
 from privacy.accounting import AccountantKind, DpSgdEvent, PrivacyAccountant, epsilon_pld, epsilon_rdp
 from privacy.budget import PrivacyBudget
@@ -168,20 +169,12 @@ def _number(key: str, value: object, *, strict: bool) -> None:
         raise ConfigError(f"run config {key!r} must be a finite number {bound}, got {value!r}")
 
 
-def _key(field_name: str) -> str:
-    return field_name.replace("_", "-")
-
-
-PRIVACY_DEFAULTS: dict[str, Any] = {_key(f.name): f.default for f in fields(PrivacyRunConfig)}
+PRIVACY_DEFAULTS: dict[str, Any] = run_config_defaults(PrivacyRunConfig)
 
 
 def privacy_config_from(values: Mapping[str, Any]) -> PrivacyRunConfig:
     """Build the :class:`PrivacyRunConfig` from the run config (missing keys take :data:`PRIVACY_DEFAULTS`)."""
-    kwargs = {f.name: values.get(_key(f.name), f.default) for f in fields(PrivacyRunConfig)}
-    for f in fields(PrivacyRunConfig):  # TOML writes 1 for 1.0
-        if f.type == "float" and isinstance(kwargs[f.name], int) and not isinstance(kwargs[f.name], bool):
-            kwargs[f.name] = float(kwargs[f.name])
-    return PrivacyRunConfig(**kwargs)
+    return from_run_config(PrivacyRunConfig, values)
 
 
 def transport_protection(run_config: Mapping[str, Any]) -> TransportProtection:

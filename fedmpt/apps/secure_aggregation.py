@@ -831,26 +831,16 @@ def _collect(
     grid: Grid, messages: list[Message], stage: Stage, node_of: Mapping[int, int], timeout_s: float
 ) -> _StageReplies:
     """Send ``messages`` and collect each client's reply payload of ``stage`` (``bytes_down`` is left 0)."""
-    from fedmpt.apps.messages import RecordName
+    from fedmpt.apps.messages import RecordName, collect_replies
 
     client_of = {node: c for c, node in node_of.items()}
     payloads: dict[int, bytes] = {}
     metrics: dict[int, dict[str, float]] = {}
     failures: list[ClientFailure] = []
-    answered: set[int] = set()
     bytes_up = 0
-    for reply in grid.send_and_receive(messages, timeout=timeout_s):
-        node_id = reply.metadata.src_node_id
-        if node_id not in client_of or node_id in answered:
-            logger.warning("ignoring an unexpected %s reply from node %s", stage, node_id)
-            continue
-        answered.add(node_id)
-        client_id = client_of[node_id]
-        if reply.has_error():
-            failures.append(
-                ClientFailure(node_id, f"{stage}: error {reply.error.code}: {reply.error.reason}", client_id)
-            )
-            continue
+    for client_id, node_id, reply in collect_replies(
+        grid, messages, client_of, timeout_s, failures, label=stage, failure_prefix=f"{stage}: "
+    ):
         config = reply.content.config_records.get(RecordName.CONFIG)
         answer = None if config is None else config.get(SecAggKey.PAYLOAD)
         if not isinstance(answer, bytes) or config is None or config.get(SecAggKey.STAGE) != stage:
@@ -861,9 +851,6 @@ def _collect(
         metric_record = reply.content.metric_records.get(RecordName.METRICS)
         if metric_record is not None:
             metrics[client_id] = {k: float(v) for k, v in metric_record.items() if isinstance(v, int | float)}
-    for node_id, client_id in client_of.items():
-        if node_id not in answered:
-            failures.append(ClientFailure(node_id, f"{stage}: no reply within {timeout_s:g} s", client_id))
     return _StageReplies(payloads, metrics, failures, 0, bytes_up)
 
 

@@ -36,7 +36,7 @@ from numpy.typing import NDArray
 
 from fedmpt.apps import privacy_hooks, task
 from fedmpt.apps.config import AppConfig, read_app_config
-from fedmpt.apps.messages import Key, RecordName, from_array_record, to_array_record
+from fedmpt.apps.messages import Key, RecordName, collect_replies, from_array_record, to_array_record
 from fedmpt.apps.secure_aggregation import ServerSecureAggregation
 from fedmpt.errors import FederationError
 from fedmpt.partition import sample_participants
@@ -154,19 +154,9 @@ def _exchange(
     client_of = {node_id: client_id for client_id, node_id in targets.items()}
     replies: list[_Reply] = []
     failures: list[ClientFailure] = []
-    answered: set[int] = set()
-    for reply in grid.send_and_receive(messages, timeout=timeout_s):
-        node_id = reply.metadata.src_node_id
-        if node_id not in client_of or node_id in answered:
-            logger.warning("ignoring an unexpected %s reply from node %s", message_type, node_id)
-            continue
-        answered.add(node_id)
-        client_id = client_of[node_id]
-        if reply.has_error():
-            failures.append(
-                ClientFailure(node_id, f"error {reply.error.code}: {reply.error.reason}", client_id=client_id)
-            )
-            continue
+    for client_id, node_id, reply in collect_replies(
+        grid, messages, client_of, timeout_s, failures, label=message_type
+    ):
         refusal = privacy_hooks.refusal_reason(reply)  # a DP node over its budget: not an error, no update
         if refusal is not None:
             failures.append(ClientFailure(node_id, refusal, client_id=client_id))
@@ -177,9 +167,6 @@ def _exchange(
             continue
         reply_arrays, metrics, bytes_up = parsed
         replies.append(_Reply(client_id, node_id, reply_arrays, metrics, bytes_up))
-    for node_id, client_id in client_of.items():
-        if node_id not in answered:
-            failures.append(ClientFailure(node_id, f"no reply within {timeout_s:g} s", client_id=client_id))
     replies.sort(key=lambda r: r.client_id)
     failures.sort(key=lambda f: (f.client_id if f.client_id is not None else -1, f.node_id))
     return replies, failures, bytes_down

@@ -31,7 +31,7 @@ import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from fedmpt.apps.run_config import from_run_config, run_config_defaults, run_config_key
 from fedmpt.backbone.loader import TINY_CLIP, Backbone, load_backbone
 from fedmpt.conditions import builtin_condition_names, load_conditions
 from fedmpt.conditions.defaults_build import NATURAL_IMAGE_CONDITIONS
@@ -127,8 +128,9 @@ class TaskConfig:
                     f"got {self.partition!r}"
                 )
         for key in ("train_split", "test_split"):
-            if not isinstance(getattr(self, key), str) or not getattr(self, key):
-                raise ConfigError(f"run config {_key(key)!r} must be a non-empty string, got {getattr(self, key)!r}")
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"run config {run_config_key(key)!r} must be a non-empty string, got {value!r}")
         if self.partial_label_mode not in ("unknown", "negative"):
             raise ConfigError(
                 f"run config 'partial-label-mode' must be 'unknown' or 'negative', got {self.partial_label_mode!r}"
@@ -138,7 +140,7 @@ class TaskConfig:
         _check_float("client-test-fraction", self.client_test_fraction, 0.0, strict_low=False, high=1.0)
         _check_float("partial-label-rate", self.partial_label_rate, 0.0, strict_low=False, high=1.0)
         for key in ("num_clients", "local_epochs", "batch_size", "train_per_client", "test_per_client"):
-            _check_int(_key(key), getattr(self, key), 1)
+            _check_int(run_config_key(key), getattr(self, key), 1)
         _check_int("global-test-size", self.global_test_size, 1)
         _check_float("learning-rate", self.learning_rate, 0.0, strict_low=True)
         _check_float("momentum", self.momentum, 0.0, strict_low=False, high=1.0)
@@ -236,20 +238,12 @@ def _check_float(
         raise ConfigError(f"run config {key!r} must be a finite number {bound}, got {value!r}")
 
 
-def _key(field_name: str) -> str:
-    return field_name.replace("_", "-")
-
-
-TASK_DEFAULTS: dict[str, Any] = {_key(f.name): f.default for f in fields(TaskConfig)}
+TASK_DEFAULTS: dict[str, Any] = run_config_defaults(TaskConfig)
 
 
 def task_config_from(values: Mapping[str, Any]) -> TaskConfig:
     """Build the :class:`TaskConfig` from the task's run-config keys (``values`` holds exactly those)."""
-    kwargs = {f.name: values.get(_key(f.name), f.default) for f in fields(TaskConfig)}
-    for f in fields(TaskConfig):  # TOML writes 1 for a float key; accept ints where a float is expected
-        if f.type == "float" and isinstance(kwargs[f.name], int) and not isinstance(kwargs[f.name], bool):
-            kwargs[f.name] = float(kwargs[f.name])
-    return TaskConfig(**kwargs)
+    return from_run_config(TaskConfig, values)
 
 
 @dataclass(frozen=True)
