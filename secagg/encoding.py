@@ -27,7 +27,7 @@ import numpy as np
 from fedmpt.errors import ConfigError
 from secagg.config import MaskingConfig
 from secagg.errors import OverflowRisk, ProtocolError
-from secagg.prg import fresh_seed, uniform_floats
+from secagg.prg import add_uniform, fresh_seed
 
 
 def clip_range_from_dp(clip_norm: float, noise_std: float, clip_probability: float = 1e-9) -> float:
@@ -77,7 +77,9 @@ def encode(update: np.ndarray, weight: int, config: MaskingConfig, rounding_seed
     from the OS CSPRNG. Raises ConfigError on a non-1-D or non-finite update or a weight outside [1,
     max_weight].
     """
-    x = np.asarray(update, dtype=np.float64)
+    x = np.asarray(update)
+    if x.dtype.kind != "f":
+        x = x.astype(np.float64)
     if x.ndim != 1:
         raise ConfigError(f"update must be a flat vector, got shape {x.shape}")
     if not np.all(np.isfinite(x)):
@@ -85,20 +87,26 @@ def encode(update: np.ndarray, weight: int, config: MaskingConfig, rounding_seed
     if isinstance(weight, bool) or not isinstance(weight, int | np.integer) or not 1 <= weight <= config.max_weight:
         raise ConfigError(f"weight must be an int in [1, max_weight={config.max_weight}], got {weight!r}")
     seed = fresh_seed() if rounding_seed is None else rounding_seed
-    v = np.clip(x, -config.clip_range, config.clip_range) * (float(weight) * config.scale)  # (d,)
-    rounded = np.floor(v + uniform_floats(seed, b"encode", x.size)).astype(np.int64)
-    signed = np.concatenate([rounded, np.array([int(weight)], dtype=np.int64)])  # (d+1,)
-    if config.modulus_bits == 64:
-        return signed.view(np.uint64).copy()
-    return (signed & np.int64(0xFFFFFFFF)).astype(np.uint32)
+    v = np.empty(x.size, dtype=np.float64)  # (d,), every step below works in place on it
+    np.copyto(v, x)  # to float64 before clipping, so the bound is the float64 clip range
+    np.clip(v, -config.clip_range, config.clip_range, out=v)
+    v *= float(weight) * config.scale
+    add_uniform(v, seed, b"encode")
+    np.floor(v, out=v)
+    out = np.empty(x.size + 1, dtype=_dtype(config))  # (d+1,)
+    rounded = v.view(np.int64)
+    np.copyto(rounded, v, casting="unsafe")  # in place; integral and |v| < 2**(b-1) (check_capacity): exact
+    out[:-1] = rounded  # two's complement modulo 2**b
+    out[-1] = weight
+    return out
 
 
 def to_signed(total: np.ndarray, modulus_bits: int) -> np.ndarray:
-    """Map words modulo 2**b to the signed representatives in [-2**(b-1), 2**(b-1)), as int64."""
+    """Map words modulo 2**b to the signed representatives in [-2**(b-1), 2**(b-1)): a two's-complement view
+    (int32 or int64) of ``total``, no copy."""
     if modulus_bits == 64:
         return np.asarray(total, dtype=np.uint64).view(np.int64)
-    t = np.asarray(total, dtype=np.uint32).astype(np.int64)
-    return np.where(t >= 2**31, t - 2**32, t)
+    return np.asarray(total, dtype=np.uint32).view(np.int32)
 
 
 def check_capacity(config: MaskingConfig, n_clients: int) -> None:
@@ -125,5 +133,5 @@ def decode_sum(total: np.ndarray, config: MaskingConfig, n_clients: int) -> tupl
             "for "
             f"{n_clients} clients: the masked sum is corrupted"
         )
-    mean = signed[:-1].astype(np.float64) / (config.scale * total_weight)
+    mean = np.divide(signed[:-1], config.scale * total_weight, dtype=np.float64)  # (d,)
     return mean, total_weight

@@ -69,7 +69,7 @@ from secagg.keys import (
     x25519_from_private_bytes,
     x25519_private_bytes,
 )
-from secagg.prg import Purpose, fresh_seed, mask_vector
+from secagg.prg import Purpose, add_mask, fresh_seed
 from secagg.shamir import Share, decode_share, encode_share, reconstruct, split
 from secagg.wire import Kind, RevealKind
 
@@ -109,15 +109,15 @@ def neighbour_graph(
     return {u: frozenset(vs) for u, vs in graph.items()}
 
 
-def _pair_sign_mask(
-    own: int, peer: int, seed: bytes, context: bytes, length: int, bits: int
-) -> tuple[bool, np.ndarray]:
-    """(add?, PRG(s_uv)): node ``own`` adds the mask if own < peer, subtracts it otherwise."""
-    return own < peer, mask_vector(seed, Purpose.PAIRWISE_MASK, context, length, bits)
+def _add_pair_mask(acc: np.ndarray, own: int, peer: int, seed: bytes, context: bytes, *, undo: bool = False) -> None:
+    """In place: node ``own``'s share of the pairwise mask with ``peer``, +PRG(s_uv) if own < peer and -PRG(s_uv)
+    otherwise (``undo`` applies the opposite, to remove it)."""
+    add_mask(acc, seed, Purpose.PAIRWISE_MASK, context, subtract=(own < peer) == undo)
 
 
-def _self_mask(seed: bytes, context: bytes, node: int, length: int, bits: int) -> np.ndarray:
-    return mask_vector(seed, Purpose.SELF_MASK, context + struct.pack("<Q", node), length, bits)
+def _add_self_mask(acc: np.ndarray, seed: bytes, context: bytes, node: int, *, undo: bool = False) -> None:
+    """In place: ``acc += PRG(b_u)`` (``-=`` with ``undo``)."""
+    add_mask(acc, seed, Purpose.SELF_MASK, context + struct.pack("<Q", node), subtract=undo)
 
 
 def _aad(run_id: bytes, round_number: int, sender: int, recipient: int) -> bytes:
@@ -356,10 +356,10 @@ def masked_input(state: ClientState, request: bytes, update: np.ndarray, weight:
             f"node {state.node_id}: {len(held)} share holders (self included), threshold is {state.config.threshold}"
         )
     state.held_shares = held
-    bits, length = state.config.modulus_bits, state.vector_length + 1
+    bits = state.config.modulus_bits
     ctx = round_context(state.run_id, state.round_number)
     y = encode(x, weight, state.config)  # (d+1,)
-    y += _self_mask(state.self_mask_seed, ctx, state.node_id, length, bits)
+    _add_self_mask(y, state.self_mask_seed, ctx, state.node_id)
     for v in sorted(set(held) - {state.node_id}):
         seed = pairwise_seed(
             state.s_keys.private,
@@ -369,11 +369,7 @@ def masked_input(state: ClientState, request: bytes, update: np.ndarray, weight:
             state.node_id,
             v,
         )
-        add, mask = _pair_sign_mask(state.node_id, v, seed, ctx, length, bits)
-        if add:
-            y += mask
-        else:
-            y -= mask
+        _add_pair_mask(y, state.node_id, v, seed, ctx)
     state.stage = ClientStage.MASKED
     return state._pack(Kind.MASKED_INPUT, wire.encode_masked_input(y, bits))
 
@@ -767,13 +763,13 @@ def server_unmask(state: ServerState, replies: Mapping[int, bytes]) -> Aggregate
             continue
         for owner, kind, share in parsed:
             shares.setdefault((owner, kind), []).append(share)
-    t, bits, length = state.config.threshold, state.config.modulus_bits, state.vector_length + 1
+    t = state.config.threshold
     ctx = round_context(state.run_id, state.round_number)
-    total: np.ndarray = state.total.copy()
+    total: np.ndarray = state.total  # unmasked in place: a failure below ends the round (stage FAILED)
     try:
         for v in sorted(survivors):
             seed = reconstruct(shares.get((v, RevealKind.SELF_MASK_SEED), []), t, wire.SECRET_BYTES)
-            total -= _self_mask(seed, ctx, v, length, bits)
+            _add_self_mask(total, seed, ctx, v, undo=True)
         for v in sorted(dropped):
             raw_key = reconstruct(shares.get((v, RevealKind.MASK_SECRET_KEY), []), t, wire.SECRET_BYTES)
             private = x25519_from_private_bytes(raw_key)
@@ -781,11 +777,7 @@ def server_unmask(state: ServerState, replies: Mapping[int, bytes]) -> Aggregate
                 raise MessageRejected(f"reconstructed mask key of dropped node {v} does not match its s_pk")
             for u in sorted(state.partners[v] & survivors):
                 seed = pairwise_seed(private, state.bundles[u].s_public, state.run_id, state.round_number, v, u)
-                add, mask = _pair_sign_mask(u, v, seed, ctx, length, bits)
-                if add:
-                    total -= mask
-                else:
-                    total += mask
+                _add_pair_mask(total, u, v, seed, ctx, undo=True)
     except ThresholdNotMet as err:
         raise state._fail(f"cannot unmask: {err}") from None
     except MessageRejected as err:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import enum
 import os
+import threading
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -23,6 +25,10 @@ from fedmpt.errors import ConfigError
 SEED_BYTES = 32
 _ZERO_COUNTER = bytes(16)
 _DOMAIN = b"fedmpt-secagg/v1/prg/"
+#: Scratch buffers up to this size stay with their thread between masks (64 MiB: 1.6e7 uint32 words).
+_SCRATCH_KEEP_BYTES = 64 * 2**20
+_LOCAL = threading.local()
+_ZEROS = b""
 
 
 class Purpose(enum.Enum):
@@ -42,26 +48,78 @@ def derive_stream_key(seed: bytes, purpose: Purpose, context: bytes) -> bytes:
     return hkdf.derive(bytes(seed))
 
 
+def _encryptor(seed: bytes, purpose: Purpose, context: bytes) -> Any:
+    key = derive_stream_key(seed, purpose, context)
+    return Cipher(algorithms.AES(key), modes.CTR(_ZERO_COUNTER)).encryptor()
+
+
+def _zeros(n_bytes: int) -> memoryview:
+    """A read-only view of ``n_bytes`` zero bytes (the CTR plaintext), from one buffer that only ever grows."""
+    global _ZEROS
+    if len(_ZEROS) < n_bytes:
+        _ZEROS = bytes(max(n_bytes, 2 * len(_ZEROS)))
+    return memoryview(_ZEROS)[:n_bytes]
+
+
+def _scratch(n_bytes: int) -> bytearray:
+    """This thread's reusable output buffer of at least ``n_bytes`` + 15 bytes (``update_into``'s requirement).
+
+    Expanding masks into a buffer that is already mapped avoids a fresh allocation per mask, whose page faults
+    cost several times the AES itself at 10^5-word vectors. Buffers above :data:`_SCRATCH_KEEP_BYTES` are not
+    kept.
+    """
+    need = n_bytes + 15
+    buf: bytearray | None = getattr(_LOCAL, "buf", None)
+    if buf is None or len(buf) < need:
+        buf = bytearray(need)
+        if need <= _SCRATCH_KEEP_BYTES:
+            _LOCAL.buf = buf
+    return buf
+
+
 def keystream(seed: bytes, purpose: Purpose, context: bytes, n_bytes: int) -> bytes:
     """Return ``n_bytes`` of AES-256-CTR keystream under the key derived from (seed, purpose, context)."""
     if n_bytes < 0:
         raise ConfigError(f"keystream length must be >= 0, got {n_bytes}")
-    key = derive_stream_key(seed, purpose, context)
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(_ZERO_COUNTER)).encryptor()
-    return encryptor.update(bytes(n_bytes)) + encryptor.finalize()
+    encryptor = _encryptor(seed, purpose, context)
+    return encryptor.update(_zeros(n_bytes)) + encryptor.finalize()
+
+
+def _mask_dtype(modulus_bits: int) -> np.dtype:
+    if modulus_bits not in (32, 64):
+        raise ConfigError(f"modulus_bits must be 32 or 64, got {modulus_bits!r}")
+    return np.dtype("<u4") if modulus_bits == 32 else np.dtype("<u8")
 
 
 def mask_vector(seed: bytes, purpose: Purpose, context: bytes, length: int, modulus_bits: int) -> np.ndarray:
     """Expand a seed into ``length`` words uniform modulo 2**modulus_bits (dtype uint32 or uint64), shape
     (length,)."""
-    if modulus_bits not in (32, 64):
-        raise ConfigError(f"modulus_bits must be 32 or 64, got {modulus_bits!r}")
+    dtype = _mask_dtype(modulus_bits)
     if length < 0:
         raise ConfigError(f"mask length must be >= 0, got {length}")
-    dtype = np.dtype("<u4") if modulus_bits == 32 else np.dtype("<u8")
-    raw = keystream(seed, purpose, context, length * dtype.itemsize)
-    words = np.frombuffer(raw, dtype=dtype)  # read-only view of the keystream bytes
+    words = np.frombuffer(keystream(seed, purpose, context, length * dtype.itemsize), dtype=dtype)
     return words if dtype.isnative else words.astype(dtype.newbyteorder("="))
+
+
+def add_mask(acc: np.ndarray, seed: bytes, purpose: Purpose, context: bytes, *, subtract: bool = False) -> None:
+    """In place: ``acc += PRG(seed)`` (or ``-=``) modulo 2**b, for ``acc`` a 1-D uint32 or uint64 array.
+
+    Equal to adding :func:`mask_vector` of ``acc``'s length and width, but the keystream goes into this thread's
+    scratch buffer instead of a fresh array (see :func:`_scratch`).
+    """
+    if acc.ndim != 1 or acc.dtype not in (np.dtype(np.uint32), np.dtype(np.uint64)):
+        raise ConfigError(f"mask accumulator must be a flat uint32/uint64 array, got {acc.dtype} {acc.shape}")
+    dtype = _mask_dtype(8 * acc.dtype.itemsize)
+    n_bytes = acc.size * dtype.itemsize
+    buf = _scratch(n_bytes)
+    _encryptor(seed, purpose, context).update_into(_zeros(n_bytes), buf)
+    words = np.frombuffer(buf, dtype=dtype, count=acc.size)
+    if not dtype.isnative:
+        words = words.astype(acc.dtype)
+    if subtract:
+        np.subtract(acc, words, out=acc)
+    else:
+        np.add(acc, words, out=acc)
 
 
 def uniform_floats(seed: bytes, context: bytes, length: int) -> np.ndarray:
@@ -73,3 +131,20 @@ def uniform_floats(seed: bytes, context: bytes, length: int) -> np.ndarray:
 def fresh_seed() -> bytes:
     """A new uniformly random 32-byte seed from the operating system CSPRNG."""
     return os.urandom(SEED_BYTES)
+
+
+def add_uniform(values: np.ndarray, seed: bytes, context: bytes) -> None:
+    """In place: ``values += U`` for ``values`` a flat float64 array and U the :func:`uniform_floats` of the
+    same seed, context and length (bit for bit), without allocating U."""
+    if values.ndim != 1 or values.dtype != np.float64:
+        raise ConfigError(f"values must be a flat float64 array, got {values.dtype} {values.shape}")
+    n_bytes = 8 * values.size
+    buf = _scratch(n_bytes)
+    _encryptor(seed, Purpose.STOCHASTIC_ROUNDING, context).update_into(_zeros(n_bytes), buf)
+    words = np.frombuffer(buf, dtype=np.dtype("<u8"), count=values.size)
+    if not words.dtype.isnative:
+        words = words.astype(np.uint64)
+    np.right_shift(words, np.uint64(11), out=words)
+    floats = words.view(np.float64)  # reuses the scratch in place (same positions, same width)
+    np.multiply(words, 2.0**-53, out=floats)  # exact: a 53-bit integer times a power of two
+    np.add(values, floats, out=values)

@@ -326,7 +326,8 @@ def decode_masked_input(payload: bytes, length: int, modulus_bits: int) -> np.nd
             f"MASKED_INPUT: {len(payload) - 9} vector bytes, expected {length * width} for {length} words"
         )
     dtype = np.dtype("<u4" if modulus_bits == 32 else "<u8")
-    return np.frombuffer(payload, dtype=dtype, offset=9).astype(dtype.newbyteorder("="))
+    words = np.frombuffer(payload, dtype=dtype, offset=9)  # read-only view of the payload, shape (length,)
+    return words if dtype.isnative else words.astype(dtype.newbyteorder("="))
 
 
 # ---- CONSISTENCY_REQUEST: u32 n || survivor ids u64*n

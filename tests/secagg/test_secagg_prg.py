@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -12,7 +13,15 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from scipy import stats
 
 from fedmpt.errors import ConfigError
-from secagg.prg import Purpose, derive_stream_key, keystream, mask_vector, uniform_floats
+from secagg.prg import (
+    Purpose,
+    add_mask,
+    add_uniform,
+    derive_stream_key,
+    keystream,
+    mask_vector,
+    uniform_floats,
+)
 
 
 def _hkdf_sha256_reference(ikm: bytes, info: bytes) -> bytes:
@@ -70,3 +79,46 @@ def test_bad_seed_and_bits_are_rejected() -> None:
         mask_vector(b"short", Purpose.SELF_MASK, b"", 4, 32)
     with pytest.raises(ConfigError, match="modulus_bits"):
         mask_vector(bytes(32), Purpose.SELF_MASK, b"", 4, 16)
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_in_place_masks_equal_the_mask_vectors(bits: int) -> None:
+    """add_mask / add_uniform reuse one scratch buffer; every size (growing and shrinking) gives the same words
+    as the allocating mask_vector / uniform_floats."""
+    dtype = np.uint32 if bits == 32 else np.uint64
+    for length in (0, 1, 5, 4097, 3, 100_003, 17):
+        seed = bytes([length % 251]) * 32
+        acc = np.arange(length, dtype=dtype) * dtype(2**31 - 1)
+        start = acc.copy()
+        add_mask(acc, seed, Purpose.PAIRWISE_MASK, b"ctx")
+        np.testing.assert_array_equal(acc, start + mask_vector(seed, Purpose.PAIRWISE_MASK, b"ctx", length, bits))
+        add_mask(acc, seed, Purpose.PAIRWISE_MASK, b"ctx", subtract=True)
+        np.testing.assert_array_equal(acc, start)
+        values = np.linspace(-5.0, 5.0, length)
+        shifted = values.copy()
+        add_uniform(shifted, seed, b"ctx")
+        np.testing.assert_array_equal(shifted, values + uniform_floats(seed, b"ctx", length))
+
+
+def test_in_place_masks_are_independent_across_threads() -> None:
+    seeds = [bytes([i]) * 32 for i in range(8)]
+
+    def run(seed: bytes) -> np.ndarray:
+        acc = np.zeros(50_000, dtype=np.uint32)
+        for _ in range(5):
+            add_mask(acc, seed, Purpose.SELF_MASK, b"t")
+        return acc
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(run, seeds))
+    for seed, acc in zip(seeds, got, strict=True):
+        np.testing.assert_array_equal(acc, mask_vector(seed, Purpose.SELF_MASK, b"t", 50_000, 32) * np.uint32(5))
+
+
+def test_in_place_mask_rejects_bad_accumulators() -> None:
+    with pytest.raises(ConfigError, match="uint32/uint64"):
+        add_mask(np.zeros(4, dtype=np.int64), bytes(32), Purpose.SELF_MASK, b"")
+    with pytest.raises(ConfigError, match="uint32/uint64"):
+        add_mask(np.zeros((2, 2), dtype=np.uint32), bytes(32), Purpose.SELF_MASK, b"")
+    with pytest.raises(ConfigError, match="float64"):
+        add_uniform(np.zeros(4, dtype=np.float32), bytes(32), b"")
