@@ -1020,8 +1020,11 @@ class ServerSecureAggregation:
             (Stage.UNMASK, masking.server_unmask),
         ]
         result: masking.AggregateResult | None = None
+        stage_s: dict[str, float] = {}  # wall time of each exchange, send to last reply plus the server's step
+        extra["secagg"]["stage_s"] = stage_s
         try:
             for stage, collect in stages:
+                stage_started = time.monotonic()
                 replies = _send_stage(
                     grid,
                     stage,
@@ -1037,6 +1040,7 @@ class ServerSecureAggregation:
                 if stage is Stage.ADVERTISE:  # training metrics come with the first stage
                     metrics.update(replies.metrics)
                 outcome = collect(state, replies.payloads)
+                stage_s[str(stage)] = round(time.monotonic() - stage_started, 4)
                 if stage is Stage.UNMASK:
                     result = outcome
                 else:

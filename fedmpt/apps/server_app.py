@@ -36,6 +36,7 @@ from numpy.typing import NDArray
 
 from fedmpt.apps import privacy_hooks, task
 from fedmpt.apps.config import AppConfig, read_app_config
+from fedmpt.apps.grid import ResponsiveGrid
 from fedmpt.apps.messages import Key, RecordName, collect_replies, from_array_record, to_array_record
 from fedmpt.apps.secure_aggregation import ServerSecureAggregation
 from fedmpt.errors import FederationError
@@ -343,7 +344,7 @@ def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, read_app_config({**context.run_config, **fixed}))
+        run_federation(ResponsiveGrid(grid), read_app_config({**context.run_config, **fixed}))
 
     return server_app
 

@@ -26,6 +26,7 @@ partitioned among the clients by ``partition`` (``label-cluster`` or ``dirichlet
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -55,6 +56,7 @@ from fedmpt.federated import (
     world_dataset_features,
 )
 from fedmpt.methods import METHODS, Method, build_method
+from fedmpt.methods.base import MethodConfig
 from fedmpt.training import ClientUpdate, FeatureData, TrainConfig, fedavg
 from fedmpt.training import client_update as library_client_update
 from fedmpt.training import evaluate as library_evaluate
@@ -100,6 +102,7 @@ class TaskConfig:
     partial_label_rate: float = 0.0
     partial_label_mode: str = "unknown"
     dataset_options: str = ""
+    method_options: str = ""
 
     def __post_init__(self) -> None:
         import fedmpt.methods  # noqa: F401 - registers the built-in methods
@@ -136,6 +139,7 @@ class TaskConfig:
                 f"run config 'partial-label-mode' must be 'unknown' or 'negative', got {self.partial_label_mode!r}"
             )
         parse_dataset_options(self.dataset_options)
+        method_config(self.method_options)
         _check_float("dirichlet-alpha", self.dirichlet_alpha, 0.0, strict_low=True)
         _check_float("client-test-fraction", self.client_test_fraction, 0.0, strict_low=False, high=1.0)
         _check_float("partial-label-rate", self.partial_label_rate, 0.0, strict_low=False, high=1.0)
@@ -185,19 +189,16 @@ class TaskConfig:
         )
 
 
-def parse_dataset_options(text: str) -> tuple[tuple[str, object], ...]:
-    """The run config's ``dataset-options``: ``"name=value,name=value"`` -> loader keyword options.
-
-    Values that read as integers or floats become numbers (``split_seed=3``), others stay strings
-    (``classnames_file=classes.txt``).
-    """
+def _parse_options(text: str, key: str) -> tuple[tuple[str, object], ...]:
+    """``"name=value,name=value"`` -> ((name, value), ...): values that read as integers or floats become
+    numbers, others stay strings. ``key`` names the run-config key in errors."""
     if not isinstance(text, str):
-        raise ConfigError(f"run config 'dataset-options' must be a string 'name=value,...', got {text!r}")
+        raise ConfigError(f"run config {key!r} must be a string 'name=value,...', got {text!r}")
     options: list[tuple[str, object]] = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, raw = item.partition("=")
         if not sep or not name.strip().isidentifier():
-            raise ConfigError(f"run config 'dataset-options': {item!r} is not name=value (in {text!r})")
+            raise ConfigError(f"run config {key!r}: {item!r} is not name=value (in {text!r})")
         value: object = raw.strip()
         for kind in (int, float):
             try:
@@ -207,6 +208,44 @@ def parse_dataset_options(text: str) -> tuple[tuple[str, object], ...]:
                 continue
         options.append((name.strip(), value))
     return tuple(options)
+
+
+def parse_dataset_options(text: str) -> tuple[tuple[str, object], ...]:
+    """The run config's ``dataset-options``: ``"name=value,name=value"`` -> loader keyword options.
+
+    Values that read as integers or floats become numbers (``split_seed=3``), others stay strings
+    (``classnames_file=classes.txt``).
+    """
+    return _parse_options(text, "dataset-options")
+
+
+#: MethodConfig fields the run config may not set (the seed comes from the run's ``seed``).
+_FIXED_METHOD_FIELDS = frozenset({"init_seed"})
+
+
+def method_config(text: str) -> MethodConfig:
+    """The run config's ``method-options`` (``"adapter_rank=64,n_condition_context=8"``) -> a
+    :class:`~fedmpt.methods.base.MethodConfig` with those fields changed (the others at their defaults).
+
+    Names must be MethodConfig fields (``init_seed`` excepted); ``true``/``false`` set booleans. Every value
+    is checked by MethodConfig itself, and the error names the run-config key.
+    """
+    known = {f.name: f for f in dataclasses.fields(MethodConfig) if f.name not in _FIXED_METHOD_FIELDS}
+    overrides: dict[str, object] = {}
+    for name, value in _parse_options(text, "method-options"):
+        if name not in known:
+            raise ConfigError(f"run config 'method-options': unknown option {name!r}; known: {sorted(known)}")
+        if known[name].type == "bool":
+            if str(value).lower() not in ("true", "false", "1", "0"):
+                raise ConfigError(f"run config 'method-options': {name} must be true or false, got {value!r}")
+            value = str(value).lower() in ("true", "1")
+        elif known[name].type == "float" and isinstance(value, int):
+            value = float(value)
+        overrides[name] = value
+    try:
+        return MethodConfig(**overrides)  # type: ignore[arg-type]
+    except ConfigError as err:
+        raise ConfigError(f"run config 'method-options' ({text!r}): {err}") from None
 
 
 def _builtin_classnames(dataset: str) -> tuple[str, ...] | None:
@@ -277,7 +316,8 @@ def _method_and_initial_state(config: TaskConfig, seed: int) -> tuple[Method, Ar
     backbone = _backbone(config.backbone, config.backbone_checkpoint)
     classnames = _classnames(config, seed)
     conditions = _conditions(config, classnames)
-    method = build_method(config.method, backbone, classnames, conditions, init_seed=seed)
+    options = dataclasses.replace(method_config(config.method_options), init_seed=seed)
+    method = build_method(config.method, backbone, classnames, conditions, config=options)
     # The cached module is trained in place by every update; its seeded initial state is kept apart.
     return method, to_arrays(method.trainable_state())
 

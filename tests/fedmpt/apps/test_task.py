@@ -79,3 +79,31 @@ def test_bad_task_config_is_rejected() -> None:
         task.task_config_from({"method": "nope"})
     with pytest.raises(ConfigError, match="dataset"):
         task.task_config_from({"dataset": "imagenet"})
+
+
+def test_method_options_set_the_method_hyperparameters(small_task: dict[str, Any]) -> None:
+    """``method-options`` reaches the built method: adapter rank 40 instead of 32 adds 5 conditions x 8 ranks x
+    (128 + 128) parameters (down and up projections)."""
+    base = task.task_config_from({**small_task, "method": "fedmpt"})
+    wider = task.task_config_from({**small_task, "method": "fedmpt", "method-options": "adapter_rank=40"})
+    sizes = [sum(a.size for a in task.initial_arrays(c, 0).values()) for c in (base, wider)]
+    assert sizes[1] - sizes[0] == 5 * 8 * 2 * 128
+    assert task.method_config("adapter_rank=40, differentiable_plan=true, logit_scale=10") == task.MethodConfig(
+        adapter_rank=40, differentiable_plan=True, logit_scale=10.0
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("adapter_rnak=8", "unknown option 'adapter_rnak'"),
+        ("init_seed=3", "unknown option 'init_seed'"),
+        ("adapter_rank=0", "method-options.*adapter_rank must be >= 1"),
+        ("adapter_rank=2.5", "method-options.*adapter_rank must be an integer"),
+        ("differentiable_plan=maybe", "differentiable_plan must be true or false"),
+        ("adapter_rank", "not name=value"),
+    ],
+)
+def test_bad_method_options_are_named(small_task: dict[str, Any], text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        task.task_config_from({**small_task, "method-options": text})
