@@ -24,24 +24,11 @@ from flwr.serverapp import Grid
 from fedmpt.errors import ConfigError
 
 
-class ResponsiveGrid(Grid):
-    """``grid`` with a ``send_and_receive`` that polls from ``first_poll_s`` up to ``max_poll_s`` (x1.5 per empty
-    pull, back to ``first_poll_s`` after each reply) and streams the replies."""
+class GridProxy(Grid):
+    """A ``Grid`` that forwards everything to the wrapped ``grid``; subclasses override what they change."""
 
-    def __init__(
-        self,
-        grid: Grid,
-        *,
-        first_poll_s: float = 0.002,
-        max_poll_s: float = 0.1,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        if not 0 < first_poll_s <= max_poll_s:
-            raise ConfigError(f"need 0 < first_poll_s <= max_poll_s, got {first_poll_s}, {max_poll_s}")
+    def __init__(self, grid: Grid) -> None:
         self._grid = grid
-        self.first_poll_s, self.max_poll_s = first_poll_s, max_poll_s
-        self._clock, self._sleep = clock, sleep
 
     def set_run(self, run: Any) -> None:
         self._grid.set_run(run)
@@ -63,6 +50,29 @@ class ResponsiveGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class ResponsiveGrid(GridProxy):
+    """``grid`` with a ``send_and_receive`` that polls from ``first_poll_s`` up to ``max_poll_s`` (x1.5 per empty
+    pull, back to ``first_poll_s`` after each reply) and streams the replies."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        *,
+        first_poll_s: float = 0.002,
+        max_poll_s: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not 0 < first_poll_s <= max_poll_s:
+            raise ConfigError(f"need 0 < first_poll_s <= max_poll_s, got {first_poll_s}, {max_poll_s}")
+        super().__init__(grid)
+        self.first_poll_s, self.max_poll_s = first_poll_s, max_poll_s
+        self._clock, self._sleep = clock, sleep
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
         """Push ``messages`` and yield their replies as they arrive, until all are in or ``timeout`` seconds

@@ -47,6 +47,7 @@ from flwr.serverapp import Grid
 from numpy.typing import NDArray
 
 from fedmpt.apps import task
+from fedmpt.apps.grid import GridProxy
 from fedmpt.apps.run_config import from_run_config, run_config_defaults
 from fedmpt.errors import ConfigError
 from privacy.accounting import AccountantKind, DpSgdEvent, PrivacyAccountant, epsilon_pld, epsilon_rdp
@@ -481,7 +482,7 @@ class RunLedger:
         }
 
 
-class _LedgerGrid(Grid):
+class _LedgerGrid(GridProxy):
     """A ``Grid`` that hands every train reply to a :class:`RunLedger` before the round loop sees it.
 
     A reply whose ledger entries do not verify becomes an error reply (code :data:`LEDGER_REJECTED_CODE`), so
@@ -489,29 +490,8 @@ class _LedgerGrid(Grid):
     """
 
     def __init__(self, grid: Grid, ledger: RunLedger) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self._ledger = ledger
-
-    def set_run(self, run: Any) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self._grid.run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
         sent = list(messages)
