@@ -332,9 +332,15 @@ def _signal_all(proc: _Proc, sig: signal.Signals) -> None:
 
 @contextlib.contextmanager
 def _terminate_on_signals() -> Iterator[None]:
-    """Turn SIGTERM/SIGHUP into SystemExit so that ``finally`` blocks stop the deployment."""
+    """Turn the first SIGTERM/SIGHUP into SystemExit so that ``finally`` blocks stop the deployment.
+
+    Later ones are ignored: a second signal (``timeout`` and ``pkill`` both sending one, say) must not cut the
+    cleanup short and leave SuperNodes running.
+    """
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import os
+import signal
 import stat
 import sys
 import time
@@ -96,3 +97,19 @@ def test_free_port_is_bindable() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
     assert 0 < port < 65536
+
+
+def test_a_second_sigterm_does_not_interrupt_the_cleanup() -> None:
+    deploy_local = _load_script("deploy_local")
+    before = signal.getsignal(signal.SIGTERM)
+    cleaned = False
+    with pytest.raises(SystemExit) as exit_info, deploy_local._terminate_on_signals():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during the cleanup: ignored
+            time.sleep(0.05)
+            cleaned = True
+    assert cleaned and exit_info.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before  # the previous handler is back
