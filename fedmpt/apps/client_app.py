@@ -9,18 +9,28 @@ a reply carries only the trainable state (``train``) or metrics (``evaluate``). 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmpt.apps import privacy_hooks, task
-from fedmpt.apps.config import AppConfig, read_app_config, read_node_config
 from fedmpt.apps.messages import Key, RecordName, from_array_record, to_array_record
+from fedmpt.apps.node_config import read_node_config
 from fedmpt.apps.secure_aggregation import client_evaluate, client_train
+
+if TYPE_CHECKING:
+    from fedmpt.apps import task
+    from fedmpt.apps.config import AppConfig
+
+# The task (torch, open_clip, the data) is imported inside the handlers that need it. Under the deployment engine
+# every message runs in a fresh ClientApp process, and the secure-aggregation stages after training
+# (share-keys, masked-input, unmask) need only numpy and cryptography: importing torch would cost them seconds.
 
 
 def _client_data(context: Context, overrides: Mapping[str, Any]) -> tuple[AppConfig, int, task.ClientData]:
+    from fedmpt.apps import task
+    from fedmpt.apps.config import read_app_config
+
     config = read_app_config({**context.run_config, **overrides})
     node = read_node_config(context.node_config)
     data = task.load_client_data(
@@ -38,6 +48,8 @@ def query(msg: Message, context: Context) -> Message:
 
 def train(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Message:
     """Local training from the received global state; reply with the local state and the example count."""
+    from fedmpt.apps import privacy_hooks, task
+
     config, partition_id, data = _client_data(context, overrides)
     global_arrays = from_array_record(msg.content.array_records[RecordName.ARRAYS])
     server_round = int(msg.content.config_records[RecordName.CONFIG][Key.SERVER_ROUND])  # type: ignore[arg-type]
@@ -71,6 +83,8 @@ def train(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Messa
 
 def evaluate(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Message:
     """Evaluate the received global state on this client's own test split."""
+    from fedmpt.apps import task
+
     config, partition_id, data = _client_data(context, overrides)
     global_arrays = from_array_record(msg.content.array_records[RecordName.ARRAYS])
     metrics: dict[str, MetricRecordValues] = {

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedmpt.apps.node_config import check_int
 from fedmpt.apps.privacy_hooks import PRIVACY_DEFAULTS, PrivacyRunConfig, privacy_config_from
 from fedmpt.apps.run_config import from_run_config, run_config_defaults
 from fedmpt.apps.secure_aggregation import SECAGG_DEFAULTS, SecureAggregationConfig, secure_aggregation_config_from
@@ -88,34 +89,14 @@ class AppConfig:
         return {k: v for k, v in self.resolved.items() if k not in _BOOKKEEPING_KEYS}
 
 
-@dataclass(frozen=True)
-class NodeConfig:
-    """The partition a SuperNode serves: ``partition-id`` in [0, ``num-partitions``)."""
-
-    partition_id: int
-    num_partitions: int
-    data_root: str = ""  # the site's own dataset folder (deployment), else "" (a partition of the run's dataset)
-
-    def __post_init__(self) -> None:
-        _int("num-partitions", self.num_partitions, 1, where="node config")
-        _int("partition-id", self.partition_id, 0, where="node config")
-        if not isinstance(self.data_root, str):
-            raise ConfigError(f"node config 'data-root' must be a path string, got {self.data_root!r}")
-        if self.partition_id >= self.num_partitions:
-            raise ConfigError(
-                f"node config 'partition-id' must be < num-partitions={self.num_partitions}, got {self.partition_id}"
-            )
-
-
 FEDERATION_DEFAULTS: dict[str, Any] = run_config_defaults(FederationConfig)
 DEFAULTS: dict[str, Any] = {**FEDERATION_DEFAULTS, **TASK_DEFAULTS, **PRIVACY_DEFAULTS, **SECAGG_DEFAULTS}
 KNOWN_KEYS: tuple[str, ...] = tuple(sorted(DEFAULTS))
 _BOOKKEEPING_KEYS = frozenset({"run-name", "runs-dir", "resume"})
 
 
-def _int(key: str, value: object, low: int, *, where: str = "run config") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{where} {key!r} must be an integer >= {low}, got {value!r}")
+def _int(key: str, value: object, low: int) -> None:
+    check_int(key, value, low, where="run config")
 
 
 def _fraction(key: str, value: object) -> None:
@@ -144,25 +125,6 @@ def read_app_config(run_config: Mapping[str, Any]) -> AppConfig:
     privacy = privacy_config_from({k: resolved[k] for k in PRIVACY_DEFAULTS})
     secure = secure_aggregation_config_from({k: resolved[k] for k in SECAGG_DEFAULTS})
     return AppConfig(federation=federation, task=task, resolved=resolved, privacy=privacy, secure_aggregation=secure)
-
-
-def read_node_config(node_config: Mapping[str, Any]) -> NodeConfig:
-    """The partition of this node from its node config (``partition-id``, ``num-partitions``).
-
-    Raises:
-        ConfigError: a key is missing or out of range (the message names it).
-    """
-    missing = [k for k in ("partition-id", "num-partitions") if k not in node_config]
-    if missing:
-        raise ConfigError(
-            f"node config lacks {missing}; start the SuperNode with "
-            f'--node-config "partition-id=<k> num-partitions=<n>", got {dict(node_config)!r}'
-        )
-    return NodeConfig(
-        partition_id=node_config["partition-id"],
-        num_partitions=node_config["num-partitions"],
-        data_root=node_config.get("data-root", ""),
-    )
 
 
 _PAIR = re.compile(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""")
@@ -212,3 +174,4 @@ def parse_run_config_overrides(items: Sequence[str]) -> dict[str, Any]:
                     f'--run-config value of {key!r} must be TOML (5, 0.5, true, "text"), got {raw!r}'
                 ) from err
     return overrides
+

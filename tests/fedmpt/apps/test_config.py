@@ -15,8 +15,8 @@ from fedmpt.apps.config import (
     KNOWN_KEYS,
     parse_run_config_overrides,
     read_app_config,
-    read_node_config,
 )
+from fedmpt.apps.node_config import read_node_config
 from fedmpt.errors import ConfigError
 
 PYPROJECT = Path(__file__).resolve().parents[3] / "pyproject.toml"

@@ -426,3 +426,36 @@ def test_ckks_run_resumes_from_its_encrypted_checkpoint(
     )
     expected = fedavg_oracle(cfg, [0, 1, 2], 3, rounds=2)
     _assert_close_to_oracle(unflatten(result.mean, expected), expected, 2 * result.error_bound)
+
+
+def test_stages_after_training_use_the_stored_setup_and_never_import_the_task(
+    config: Callable[..., dict[str, Any]], fake_grid: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """share-keys, masked-input and unmask run from the setup kept at advertise: the full setup (which reads the
+    task and its data, and imports torch) is built once per client and round, at advertise only."""
+    import fedmpt.apps.secure_aggregation as sa
+
+    full_setups: list[Any] = []
+    original = sa._client_setup
+
+    def counting(context: Any, overrides: Any) -> Any:
+        full_setups.append(context.node_config["partition-id"])
+        return original(context, overrides)
+
+    monkeypatch.setattr(sa, "_client_setup", counting)
+    cfg = config()
+    run = run_federation(fake_grid(build_client_app(), NODES, run_config=cfg), read_app_config(cfg))
+    (line,) = _lines(run.path)
+    assert line["status"] == "ok" and line["secagg"]["survivors"] == [0, 1, 2]
+    assert sorted(full_setups) == [0, 1, 2]  # one per client: the advertise stage
+
+
+def test_the_client_app_imports_no_torch() -> None:
+    """A fresh ClientApp process (one per message under the deployment engine) loads neither torch nor open_clip
+    until a handler needs the task."""
+    import subprocess
+    import sys
+
+    code = "import sys, fedmpt.apps.client_app; print(sorted({'torch', 'open_clip', 'opacus'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]"
