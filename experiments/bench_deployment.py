@@ -5,11 +5,14 @@ For each ``--secure-aggregation`` mode, runs ``scripts/deploy_local.py`` (TLS, S
 ClientApp process per message, as in a real deployment, over loopback) with the default task and reads the run's
 ``metrics.jsonl``: per-round wall time and, for masking, the time of each exchange (``secagg.stage_s``). Masking
 uses one kit provisioned up front with ``fedmpt secagg provision`` (the deployment path; the per-run kit is
-simulation only). The modes run one after the other, not interleaved: a deployment takes minutes to start.
+simulation only; with ``ckks`` the kit also holds the CKKS contexts). The modes run one after the other, not
+interleaved: a deployment takes minutes to start. A CKKS round evaluates on the sites (the server has no key).
 
 Usage::
 
-    .venv/bin/python experiments/bench_deployment.py                       # 3 SuperNodes, 3 rounds, none + masking
+    .venv/bin/python experiments/bench_deployment.py --rounds 4            # 3 SuperNodes, none + masking
+    .venv/bin/python experiments/bench_deployment.py --rounds 4 --secure-aggregation ckks \
+        --out experiments/results/bench_deployment_ckks.json
 
 Writes ``experiments/results/bench_deployment.json`` (or ``--out``).
 """
@@ -25,6 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from fedmpt.apps.task import TASK_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +76,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--supernodes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--secure-aggregation", nargs="+", choices=("none", "masking"), default=["none", "masking"])
+    parser.add_argument(
+        "--secure-aggregation", nargs="+", choices=("none", "masking", "ckks"), default=["none", "masking"]
+    )
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="limit per deployment")
     parser.add_argument("--out", type=Path, default=REPO / "experiments" / "results" / "bench_deployment.json")
     args = parser.parse_args()
@@ -80,8 +87,10 @@ def main() -> None:
         work = Path(tmp)
         kit = work / "kit"
         fedmpt = Path(sys.executable).with_name("fedmpt")
-        subprocess.run([str(fedmpt), "secagg", "provision", "--out", str(kit), "--nodes", str(args.supernodes)],
-                       check=True, capture_output=True)  # fmt: skip
+        provision = [str(fedmpt), "secagg", "provision", "--out", str(kit), "--nodes", str(args.supernodes)]
+        if "ckks" in args.secure_aggregation:  # the CKKS kit must fit the run's largest weight (train-per-client)
+            provision += ["--ckks", "--ckks-max-weight", str(TASK_DEFAULTS["train-per-client"])]
+        subprocess.run(provision, check=True, capture_output=True)
         for mode in args.secure_aggregation:
             row = _run(mode, args, work, kit)
             rows.append(row)
