@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -351,6 +352,19 @@ def _terminate_on_signals() -> Iterator[None]:
             signal.signal(s, h)
 
 
+_EXIT_CODE = re.compile(r"ERROR\b.*\bExit Code: (\d+)")
+
+
+def serverapp_exit_code(line: str) -> int:
+    """Flower's exit code from a streamed ``flwr run`` line such as ``ERROR : Exit Code: 201``, else 0.
+
+    ``flwr run --stream`` (flwr 1.41) exits 0 even when the ServerApp raised; the log stream is where the
+    failure shows.
+    """
+    match = _EXIT_CODE.search(line)
+    return int(match.group(1)) if match else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--supernodes", type=int, default=3, help="number of SuperNodes (default 3)")
@@ -365,9 +379,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             with LocalDeployment(work_dir, args.supernodes, args.app) as deployment:
                 run = deployment.start_run(args.run_config)
+                app_exit = 0
                 for line in run.stdout or ():
                     print(line, end="", flush=True)
-                return run.wait()
+                    app_exit = app_exit or serverapp_exit_code(line)
+                code = run.wait()
+                if code == 0 and app_exit:
+                    print(f"deploy_local: the ServerApp failed (Flower exit code {app_exit})", file=sys.stderr)
+                    return app_exit
+                return code
         except DeploymentError as err:
             print(f"deploy_local: error: {err}", file=sys.stderr)
             return 1

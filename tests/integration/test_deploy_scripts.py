@@ -113,3 +113,13 @@ def test_a_second_sigterm_does_not_interrupt_the_cleanup() -> None:
             cleaned = True
     assert cleaned and exit_info.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == before  # the previous handler is back
+
+
+def test_a_failed_serverapp_is_reported_from_the_stream() -> None:
+    """``flwr run --stream`` exits 0 when the ServerApp raises; the stream's exit-code line is what deploy_local
+    reports instead (the line as flwr 1.41 prints it, colour codes included)."""
+    deploy_local = _load_script("deploy_local")
+    assert deploy_local.serverapp_exit_code("\x1b[91mERROR \x1b[0m:     Exit Code: 201\n") == 201
+    assert deploy_local.serverapp_exit_code("ERROR :     Exit Code: 7") == 7
+    assert deploy_local.serverapp_exit_code("INFO :      [round 1/2] replied 3/3 | failed: none") == 0
+    assert deploy_local.serverapp_exit_code("For more information, visit: .../ref-exit-codes/201.html") == 0
