@@ -40,6 +40,23 @@ def _flwr_apps_in_home() -> set[str]:
     return {p.name for p in apps.iterdir()} if apps.is_dir() else set()
 
 
+def _run_to_completion(deployment: Any, run_config: str, during: Callable[[Any, Any], None] | None = None) -> str:
+    """Start ``deployment``, run the app with ``run_config``, call ``during(deployment, run)`` while it runs, and
+    return the run's output once it succeeds; every process is stopped whatever happens, and none may be left."""
+    try:
+        deployment.start()
+        run = deployment.start_run([run_config])
+        if during is not None:
+            during(deployment, run)
+        output, _ = run.communicate(timeout=420)
+        assert run.returncode == 0, output
+    finally:
+        deployment.stop()
+        leftovers = deployment.leftover_pids()
+    assert leftovers == set(), f"processes left running: {leftovers}"
+    return str(output)
+
+
 @pytest.mark.timeout(600)
 def test_three_supernodes_one_killed_mid_run(
     tmp_path: Path, small_task: dict[str, Any], fedavg_oracle: Callable[..., dict[str, np.ndarray]]
@@ -61,16 +78,14 @@ def test_three_supernodes_one_killed_mid_run(
     run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()) + f' runs-dir="{runs}" run-name="dep"'
     deployment = deploy_local.LocalDeployment(tmp_path / "deploy", num_supernodes=3, app_dir=REPO)
     assert deployment.logs == tmp_path.resolve() / "deploy" / "logs"
-    output = ""
-    lost = -1
-    try:
-        deployment.start()
-        run = deployment.start_run([run_config])
+    lost: list[int] = []
+
+    def kill_supernode_2_mid_round(deployment: Any, run: Any) -> None:
         # Kill SuperNode 2 mid-round: once it has received its training message (its reply to the partition
         # query is then complete), so it is sampled for training and vanishes before replying. Killing it
         # while it uploads a reply instead stalls the ServerApp until Flower's object-push session expires
         # (180 s in flwr 1.41), a Flower behaviour documented in docs/deployment.md.
-        lost = deployment.node_ids[2]
+        lost.append(deployment.node_ids[2])
         supernode_log = deployment.logs / "supernode-2.log"
         deadline = time.monotonic() + 240
         while "Receiving: train message" not in supernode_log.read_text(errors="replace"):
@@ -78,12 +93,8 @@ def test_three_supernodes_one_killed_mid_run(
             assert time.monotonic() < deadline, "SuperNode 2 got no training message within 240 s"
             time.sleep(0.1)
         deployment.kill_supernode(2)
-        output, _ = run.communicate(timeout=420)
-        assert run.returncode == 0, output
-    finally:
-        deployment.stop()
-        leftovers = deployment.leftover_pids()
-    assert leftovers == set(), f"processes left running: {leftovers}"
+
+    output = _run_to_completion(deployment, run_config, during=kill_supernode_2_mid_round)
     assert _flwr_apps_in_home() == home_apps_before  # the user's ~/.flwr was not used
 
     assert "[round 2/2]" in output
@@ -92,9 +103,9 @@ def test_three_supernodes_one_killed_mid_run(
     first, second = lines
     assert first["clients_sampled"] == [0, 1, 2]  # SuperNode 2 was alive when the round began
     assert first["clients_replied"] == [0, 1]
-    assert [(f["node_id"], f["client_id"]) for f in first["clients_failed"]] == [(lost, 2)], first
+    assert [(f["node_id"], f["client_id"]) for f in first["clients_failed"]] == [(lost[0], 2)], first
     assert second["clients_replied"] == [0, 1]
-    assert all(f["node_id"] == lost for f in second["clients_failed"])
+    assert all(f["node_id"] == lost[0] for f in second["clients_failed"])
     assert first["status"] == second["status"] == "ok"
 
     # the surviving SuperNodes' updates, averaged: the FedAvg oracle over partitions 0 and 1 of 3
@@ -120,16 +131,7 @@ def test_masked_round_on_the_deployment_engine_matches_fedavg(
     run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()) + (
         f' runs-dir="{runs}" run-name="sa" secure-aggregation="masking" secagg-dir="{kit}"'
     )
-    deployment = deploy_local.LocalDeployment(tmp_path / "deploy", num_supernodes=3, app_dir=REPO)
-    try:
-        deployment.start()
-        run = deployment.start_run([run_config])
-        output, _ = run.communicate(timeout=420)
-        assert run.returncode == 0, output
-    finally:
-        deployment.stop()
-        leftovers = deployment.leftover_pids()
-    assert leftovers == set(), f"processes left running: {leftovers}"
+    _run_to_completion(deploy_local.LocalDeployment(tmp_path / "deploy", num_supernodes=3, app_dir=REPO), run_config)
     (line,) = [json.loads(x) for x in (runs / "sa" / "metrics.jsonl").read_text().splitlines()]
     assert line["status"] == "ok" and line["secure_aggregation"] == "masking", line
     assert line["clients_replied"] == [0, 1, 2] and line["secagg"]["survivors"] == [0, 1, 2]
