@@ -42,3 +42,9 @@ def check_positive_int(owner: str, name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{owner}.{name} must be an integer >= 1, got {value!r}")
     return value
+
+
+def check_int(key: str, value: object, low: int, *, where: str = "run config") -> None:
+    """Raise ConfigError naming ``where`` and ``key`` unless ``value`` is an int (not a bool) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{where} {key!r} must be an integer >= {low}, got {value!r}")

@@ -101,21 +101,24 @@ def mask_vector(seed: bytes, purpose: Purpose, context: bytes, length: int, modu
     return words if dtype.isnative else words.astype(dtype.newbyteorder("="))
 
 
+def _scratch_words(seed: bytes, purpose: Purpose, context: bytes, count: int, dtype: np.dtype) -> np.ndarray:
+    """``count`` keystream words of little-endian ``dtype`` as a writable native-order array, expanded into this
+    thread's scratch buffer (see :func:`_scratch`); valid until the thread's next expansion."""
+    n_bytes = count * dtype.itemsize
+    buf = _scratch(n_bytes)
+    _encryptor(seed, purpose, context).update_into(_zeros(n_bytes), buf)
+    words = np.frombuffer(buf, dtype=dtype, count=count)
+    return words if dtype.isnative else words.astype(dtype.newbyteorder("="))
+
+
 def add_mask(acc: np.ndarray, seed: bytes, purpose: Purpose, context: bytes, *, subtract: bool = False) -> None:
     """In place: ``acc += PRG(seed)`` (or ``-=``) modulo 2**b, for ``acc`` a 1-D uint32 or uint64 array.
 
-    Equal to adding :func:`mask_vector` of ``acc``'s length and width, but the keystream goes into this thread's
-    scratch buffer instead of a fresh array (see :func:`_scratch`).
+    Equal to adding :func:`mask_vector` of ``acc``'s length and width, without allocating the mask.
     """
     if acc.ndim != 1 or acc.dtype not in (np.dtype(np.uint32), np.dtype(np.uint64)):
         raise ConfigError(f"mask accumulator must be a flat uint32/uint64 array, got {acc.dtype} {acc.shape}")
-    dtype = _mask_dtype(8 * acc.dtype.itemsize)
-    n_bytes = acc.size * dtype.itemsize
-    buf = _scratch(n_bytes)
-    _encryptor(seed, purpose, context).update_into(_zeros(n_bytes), buf)
-    words = np.frombuffer(buf, dtype=dtype, count=acc.size)
-    if not dtype.isnative:
-        words = words.astype(acc.dtype)
+    words = _scratch_words(seed, purpose, context, acc.size, _mask_dtype(8 * acc.dtype.itemsize))
     if subtract:
         np.subtract(acc, words, out=acc)
     else:
@@ -128,23 +131,18 @@ def uniform_floats(seed: bytes, context: bytes, length: int) -> np.ndarray:
     return (words >> np.uint64(11)).astype(np.float64) * (2.0**-53)
 
 
-def fresh_seed() -> bytes:
-    """A new uniformly random 32-byte seed from the operating system CSPRNG."""
-    return os.urandom(SEED_BYTES)
-
-
 def add_uniform(values: np.ndarray, seed: bytes, context: bytes) -> None:
     """In place: ``values += U`` for ``values`` a flat float64 array and U the :func:`uniform_floats` of the
     same seed, context and length (bit for bit), without allocating U."""
     if values.ndim != 1 or values.dtype != np.float64:
         raise ConfigError(f"values must be a flat float64 array, got {values.dtype} {values.shape}")
-    n_bytes = 8 * values.size
-    buf = _scratch(n_bytes)
-    _encryptor(seed, Purpose.STOCHASTIC_ROUNDING, context).update_into(_zeros(n_bytes), buf)
-    words = np.frombuffer(buf, dtype=np.dtype("<u8"), count=values.size)
-    if not words.dtype.isnative:
-        words = words.astype(np.uint64)
+    words = _scratch_words(seed, Purpose.STOCHASTIC_ROUNDING, context, values.size, np.dtype("<u8"))
     np.right_shift(words, np.uint64(11), out=words)
     floats = words.view(np.float64)  # reuses the scratch in place (same positions, same width)
     np.multiply(words, 2.0**-53, out=floats)  # exact: a 53-bit integer times a power of two
     np.add(values, floats, out=values)
+
+
+def fresh_seed() -> bytes:
+    """A new uniformly random 32-byte seed from the operating system CSPRNG."""
+    return os.urandom(SEED_BYTES)

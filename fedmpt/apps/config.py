@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedmpt.apps.node_config import check_int
 from fedmpt.apps.privacy_hooks import PRIVACY_DEFAULTS, PrivacyRunConfig, privacy_config_from
 from fedmpt.apps.run_config import from_run_config, run_config_defaults
 from fedmpt.apps.secure_aggregation import SECAGG_DEFAULTS, SecureAggregationConfig, secure_aggregation_config_from
 from fedmpt.apps.task import TASK_DEFAULTS, TaskConfig, task_config_from
-from fedmpt.errors import ConfigError
+from fedmpt.errors import ConfigError, check_int
 from fedmpt.rundir import check_run_name
 
 
@@ -51,13 +50,13 @@ class FederationConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        _int("num-server-rounds", self.num_server_rounds, 1)
+        check_int("num-server-rounds", self.num_server_rounds, 1)
         _fraction("fraction-train", self.fraction_train)
         _fraction("fraction-evaluate", self.fraction_evaluate)
-        _int("min-clients", self.min_clients, 1)
+        check_int("min-clients", self.min_clients, 1)
         _positive("round-timeout-s", self.round_timeout_s)
         _positive("wait-for-clients-s", self.wait_for_clients_s)
-        _int("seed", self.seed, 0)
+        check_int("seed", self.seed, 0)
         if not isinstance(self.run_name, str):
             raise ConfigError(f"run config 'run-name' must be a string, got {self.run_name!r}")
         if self.run_name:
@@ -93,10 +92,6 @@ FEDERATION_DEFAULTS: dict[str, Any] = run_config_defaults(FederationConfig)
 DEFAULTS: dict[str, Any] = {**FEDERATION_DEFAULTS, **TASK_DEFAULTS, **PRIVACY_DEFAULTS, **SECAGG_DEFAULTS}
 KNOWN_KEYS: tuple[str, ...] = tuple(sorted(DEFAULTS))
 _BOOKKEEPING_KEYS = frozenset({"run-name", "runs-dir", "resume"})
-
-
-def _int(key: str, value: object, low: int) -> None:
-    check_int(key, value, low, where="run config")
 
 
 def _fraction(key: str, value: object) -> None:
@@ -174,4 +169,3 @@ def parse_run_config_overrides(items: Sequence[str]) -> dict[str, Any]:
                     f'--run-config value of {key!r} must be TOML (5, 0.5, true, "text"), got {raw!r}'
                 ) from err
     return overrides
-

@@ -11,13 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedmpt.errors import ConfigError
-
-
-def check_int(key: str, value: object, low: int, *, where: str) -> None:
-    """Raise ConfigError naming ``where`` and ``key`` unless ``value`` is an int (not a bool) >= ``low``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{where} {key!r} must be an integer >= {low}, got {value!r}")
+from fedmpt.errors import ConfigError, check_int
 
 
 @dataclass(frozen=True)

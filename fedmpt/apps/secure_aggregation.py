@@ -556,13 +556,21 @@ def _client_setup(context: Context, overrides: Mapping[str, Any]) -> _ClientSetu
 _SETUP_KEYS = ("max-clients", "max-weight", "timeout-s", "kit")
 
 
-def _setup_fields(setup: _ClientSetup) -> dict[str, int | float | str]:
-    return {
-        "max-clients": setup.max_clients,
-        "max-weight": setup.max_weight,
-        "timeout-s": setup.timeout_s,
-        "kit": str(setup.kit),
-    }
+def _keep_round_state(
+    context: Context, setup: _ClientSetup, state: masking.ClientState, delta: NDArray[np.float64], weight: int
+) -> None:
+    """Store the round state (packed, no pickle) and the setup the later stages need in ``context.state``."""
+    from flwr.app import ConfigRecord
+
+    context.state[STATE_RECORD] = ConfigRecord(
+        {
+            "blob": pack_client_state(state, delta, weight),
+            "max-clients": setup.max_clients,
+            "max-weight": setup.max_weight,
+            "timeout-s": setup.timeout_s,
+            "kit": str(setup.kit),
+        }
+    )
 
 
 def _stored_setup(context: Context, overrides: Mapping[str, Any]) -> _ClientSetup | None:
@@ -579,9 +587,12 @@ def _stored_setup(context: Context, overrides: Mapping[str, Any]) -> _ClientSetu
     values = {**context.run_config, **overrides}
     node = read_node_config(context.node_config)
     max_clients, max_weight, timeout_s, kit = (record[key] for key in _SETUP_KEYS)
-    if not (isinstance(max_clients, int) and isinstance(max_weight, int) and isinstance(kit, str)):
-        raise SecureAggregationError("stored secure-aggregation setup is malformed")
-    if not isinstance(timeout_s, int | float):
+    if not (
+        isinstance(max_clients, int)
+        and isinstance(max_weight, int)
+        and isinstance(timeout_s, int | float)
+        and isinstance(kit, str)
+    ):
         raise SecureAggregationError("stored secure-aggregation setup is malformed")
     config = secure_aggregation_config_from(values)
     return _ClientSetup(config, node.partition_id, max_clients, max_weight, float(timeout_s), Path(kit), None, 0)
@@ -739,7 +750,6 @@ def _client_masking_stage(
     stage: str,
     plain_train: Callable[[Message], Message],
 ) -> Message:
-    from flwr.app import ConfigRecord
 
     from fedmpt.apps.messages import RecordName, from_array_record
 
@@ -770,8 +780,7 @@ def _client_masking_stage(
         weight = _weight_from(metrics)  # travels only inside the masked vector
         delta = flatten(local) - flatten(global_arrays)  # (d,)
         metrics[SecAggKey.CLIPPED] = int(np.sum(np.abs(delta) > mcfg.clip_range))
-        record = {"blob": pack_client_state(state, delta, weight), **_setup_fields(setup)}
-        context.state[STATE_RECORD] = ConfigRecord(record)  # type: ignore[arg-type]
+        _keep_round_state(context, setup, state, delta, weight)
         return _forward_records(reply, _reply(msg, stage, out, metrics))
     if STATE_RECORD not in context.state:
         raise SecureAggregationError(f"stage '{stage}' arrived but this node holds no round state (no advertise stage)")
@@ -792,8 +801,7 @@ def _client_masking_stage(
         return _reply(msg, stage, out)
     else:
         raise SecureAggregationError(f"unknown secure-aggregation stage {stage!r}")
-    record = {"blob": pack_client_state(state, delta, weight), **_setup_fields(setup)}
-    context.state[STATE_RECORD] = ConfigRecord(record)  # type: ignore[arg-type]
+    _keep_round_state(context, setup, state, delta, weight)
     return _reply(msg, stage, out)
 
 

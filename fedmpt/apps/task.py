@@ -44,7 +44,7 @@ from fedmpt.apps.run_config import from_run_config, run_config_defaults, run_con
 from fedmpt.backbone.loader import TINY_CLIP, Backbone, load_backbone
 from fedmpt.conditions import builtin_condition_names, load_conditions
 from fedmpt.conditions.defaults_build import NATURAL_IMAGE_CONDITIONS
-from fedmpt.errors import ConfigError
+from fedmpt.errors import ConfigError, check_int
 from fedmpt.feature_cache import FeatureCache
 from fedmpt.federated import (
     PARTITIONERS,
@@ -144,8 +144,8 @@ class TaskConfig:
         _check_float("client-test-fraction", self.client_test_fraction, 0.0, strict_low=False, high=1.0)
         _check_float("partial-label-rate", self.partial_label_rate, 0.0, strict_low=False, high=1.0)
         for key in ("num_clients", "local_epochs", "batch_size", "train_per_client", "test_per_client"):
-            _check_int(run_config_key(key), getattr(self, key), 1)
-        _check_int("global-test-size", self.global_test_size, 1)
+            check_int(run_config_key(key), getattr(self, key), 1)
+        check_int("global-test-size", self.global_test_size, 1)
         _check_float("learning-rate", self.learning_rate, 0.0, strict_low=True)
         _check_float("momentum", self.momentum, 0.0, strict_low=False, high=1.0)
         _check_float("weight-decay", self.weight_decay, 0.0, strict_low=False)
@@ -254,11 +254,6 @@ def _builtin_classnames(dataset: str) -> tuple[str, ...] | None:
     key = "coco2014" if dataset == "coco2017" else dataset  # the same 80 categories
     names = BUILTIN_CLASSNAMES.get(key)
     return None if names is None else tuple(names)
-
-
-def _check_int(key: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"run config {key!r} must be an integer >= {low}, got {value!r}")
 
 
 def _check_float(

@@ -53,21 +53,22 @@ class _ScriptedGrid:
         return out
 
 
-def _messages(n: int, task_identity: Any) -> list[Message]:
+def _messages(n: int) -> list[Message]:
     return [Message(RecordDict(), dst_node_id=10 + i, message_type="train", group_id="g") for i in range(n)]
 
 
-def _run(arrival: list[float | None], timeout: float | None, task_identity: Any) -> tuple[list[tuple[int, float]], Any]:
+def _run(arrival: list[float | None], timeout: float | None) -> tuple[list[tuple[int, float]], Any]:
     clock = _Clock()
     inner = _ScriptedGrid(clock, arrival)
     grid = ResponsiveGrid(inner, first_poll_s=0.002, max_poll_s=0.1, clock=clock, sleep=clock.sleep)  # type: ignore[arg-type]
-    got: Iterator[Message] = grid.send_and_receive(_messages(len(arrival), task_identity), timeout=timeout)
+    got: Iterator[Message] = grid.send_and_receive(_messages(len(arrival)), timeout=timeout)
     seen = [(int(m.content.config_records["config"]["i"]), clock.now) for m in got]
     return seen, (clock, inner)
 
 
-def test_replies_are_yielded_promptly_and_in_arrival_order(task_identity: Any) -> None:
-    seen, (clock, inner) = _run([0.5, 0.01, 2.0], timeout=60.0, task_identity=task_identity)
+@pytest.mark.usefixtures("task_identity")  # Flower stamps new messages with the process's task identity
+def test_replies_are_yielded_promptly_and_in_arrival_order() -> None:
+    seen, (clock, inner) = _run([0.5, 0.01, 2.0], timeout=60.0)
     assert [i for i, _ in seen] == [1, 0, 2]
     for i, at in seen:
         due = [0.5, 0.01, 2.0][i]
@@ -76,15 +77,17 @@ def test_replies_are_yielded_promptly_and_in_arrival_order(task_identity: Any) -
     assert clock.now == seen[-1][1]  # returns as soon as the last reply is in
 
 
-def test_polling_backs_off_while_idle(task_identity: Any) -> None:
-    _, (clock, inner) = _run([10.0], timeout=None, task_identity=task_identity)
+@pytest.mark.usefixtures("task_identity")
+def test_polling_backs_off_while_idle() -> None:
+    _, (clock, inner) = _run([10.0], timeout=None)
     assert clock.sleeps[0] == pytest.approx(0.003)  # 0.002 * 1.5 after the first empty pull
     assert clock.sleeps[-1] == pytest.approx(0.1)
     assert inner.pulls < 10.0 / 0.1 + 20  # about one pull per 0.1 s once backed off
 
 
-def test_timeout_ends_the_wait_without_the_missing_reply(task_identity: Any) -> None:
-    seen, (clock, _) = _run([0.2, None], timeout=1.5, task_identity=task_identity)
+@pytest.mark.usefixtures("task_identity")
+def test_timeout_ends_the_wait_without_the_missing_reply() -> None:
+    seen, (clock, _) = _run([0.2, None], timeout=1.5)
     assert [i for i, _ in seen] == [0]
     assert clock.now == pytest.approx(1.5)
 
