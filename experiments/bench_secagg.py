@@ -17,10 +17,11 @@ What is timed (wall clock, ``time.perf_counter``; "client" is the mean over clie
   aggregation"). Its Flower-serialized variant (the update in an ``ArrayRecord`` copied through Flower's
   protobuf message serialization) gives the ``*_serde_s`` of the plaintext round.
 * masking (ours, complete graph, t = floor(n/2)+1) and secagg+ (ours, k = max(4, 2*ceil(log2 n)) neighbours,
-  only where k < n-1, i.e. n >= 10; t = k/2+1): client = the four client stages; server = the four server
-  stages.
-* ckks (N=8192, chain (60,60), symmetric, float encoding): client = encrypt + decrypt of the aggregate;
-  server = aggregate. To spare the shared CPU, at most 3 clients really encrypt; the other uploads are copies
+  only where k < n-1, i.e. n >= 10; t = k/2+1): client = the five client stages (with the consistency check);
+  server = the five server stages.
+* ckks (N=8192, chain (60,60), symmetric, float encoding): client = encrypt + verified decryption (check every
+  signed upload against the roster, re-sum them, decrypt the sum); server = aggregate. Down bytes = every
+  signed upload of the round (what a verifying client must receive). To spare the shared CPU, at most 3 clients really encrypt; the other uploads are copies
   of those bytes with the sender field rewritten, which costs the server exactly the same.
 * flower-secagg (num_shares = n: complete graph, Flower's SecAgg) and flower-secagg+ (num_shares = k+1, same k
   and t as ours): Flower's unmodified ``SecAggPlusWorkflow`` and ``secaggplus_mod`` driven in-process by
@@ -118,10 +119,12 @@ def bench_masking(
     roster: Roster,
     exact: np.ndarray,
 ) -> dict[str, float]:
-    """One full masking round (no drop-outs); client time is the mean over clients of their four stages."""
+    """One full masking round (no drop-outs); client time is the mean over clients of their five stages."""
     nodes = sorted(updates)
     d = next(iter(updates.values())).size
-    clients = {u: masking.ClientState.create(cfg, ids[u], roster) for u in nodes}
+    run_id, graph_seed, model = os.urandom(16), os.urandom(32), os.urandom(32)
+    pinned = {"run_id": run_id, "graph_seed": graph_seed, "model_digest": model}
+    clients = {u: masking.ClientState.create(cfg, ids[u], roster, **pinned) for u in nodes}
     client_t = dict.fromkeys(nodes, 0.0)
     up = dict.fromkeys(nodes, 0)
     down = dict.fromkeys(nodes, 0)
@@ -141,7 +144,7 @@ def bench_masking(
             replies[u] = reply
         return replies
 
-    (state, req), t = _timed(lambda: masking.server_start_round(cfg, nodes, d, 1, roster=roster))
+    (state, req), t = _timed(lambda: masking.server_start_round(cfg, nodes, d, 1, roster=roster, **pinned))
     server_t += t
     rep = client_stage(masking.advertise_keys, req)
     req, t = _timed(lambda: masking.server_collect_advertisements(state, rep))
@@ -151,6 +154,9 @@ def bench_masking(
     server_t += t
     rep = client_stage(masking.masked_input, req, updates, dict.fromkeys(nodes, 1))
     req, t = _timed(lambda: masking.server_collect_masked_inputs(state, rep))
+    server_t += t
+    rep = client_stage(masking.consistency_check, req)
+    req, t = _timed(lambda: masking.server_collect_consistency(state, rep))
     server_t += t
     rep = client_stage(masking.unmask, req)
     res, t = _timed(lambda: masking.server_unmask(state, rep))
@@ -200,7 +206,12 @@ def bench_ckks(
     for i, u in enumerate(nodes[real_clients:]):
         msgs[u] = _rewrite_sender(msgs[nodes[i % real_clients]], u)
     agg, server_t = _timed(lambda: ckks.aggregate(server_ctx, cfg, msgs, run_id=run, round_number=1, key_id=key_id))
-    res, dec_t = _timed(lambda: ckks.decrypt_aggregate(secret, cfg, agg, run_id=run, round_number=1, key_id=key_id))
+    # Every upload signed by its sender; the decrypting client verifies them and re-sums them itself.
+    ids = {u: Identity.generate(u) for u in nodes}
+    signed = {u: ckks.sign_upload(ids[u], msgs[u]) for u in nodes}
+    roster = Roster.from_identities(ids)
+    verify = partial(ckks.decrypt_verified, secret, cfg, signed, roster, run_id=run, round_number=1, key_id=key_id)
+    res, dec_t = _timed(partial(verify, threshold=min(len(nodes), max(2, 2 * len(nodes) // 3 + 1))))
     # Node j >= real_clients re-sent the bytes of node j % real_clients.
     used = [updates[nodes[j % real_clients]] for j in range(len(nodes))]
     exact_used = np.mean([np.clip(x, -cfg.clip_range, cfg.clip_range) for x in used], axis=0)
@@ -211,7 +222,7 @@ def bench_ckks(
         "decrypt_s": dec_t,
         "server_s": server_t,
         "up_bytes": float(np.mean([len(m) for m in msgs.values()])),
-        "down_bytes": float(len(agg)),
+        "down_bytes": float(sum(len(m) for m in signed.values())),  # every signed upload, to re-sum
         "max_abs_error": err,
         "error_bound": res.error_bound,
     }

@@ -44,9 +44,6 @@ class MaskingConfig:
             quantization step is 1 / s.
         max_weight: largest per-client weight (sample count) allowed; weights are integers in [1, max_weight]
             and are carried as an extra masked coordinate.
-        consistency_check: add Bonawitz et al.'s consistency-check stage: before unmasking, every survivor signs
-            the survivor list and refuses to unmask unless t roster-valid signatures cover the same list, so an
-            active server cannot show different survivor lists to different clients. Costs one round trip.
         stage_timeout_s: how long the server waits for the replies of one stage (used by the transport
         adapter).
     """
@@ -57,7 +54,6 @@ class MaskingConfig:
     clip_range: float = 1.0
     scale: float = 2.0**16
     max_weight: int = 1
-    consistency_check: bool = False
     stage_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
@@ -80,8 +76,6 @@ class MaskingConfig:
             raise ConfigError(f"MaskingConfig.scale must be finite and > 0, got {self.scale!r}")
         if isinstance(self.max_weight, bool) or not isinstance(self.max_weight, int) or self.max_weight < 1:
             raise ConfigError(f"MaskingConfig.max_weight must be an int >= 1, got {self.max_weight!r}")
-        if not isinstance(self.consistency_check, bool):
-            raise ConfigError(f"MaskingConfig.consistency_check must be a bool, got {self.consistency_check!r}")
         if not (math.isfinite(self.stage_timeout_s) and self.stage_timeout_s > 0):
             raise ConfigError(f"MaskingConfig.stage_timeout_s must be finite and > 0, got {self.stage_timeout_s!r}")
         per_client = self.max_weight * self.clip_range * self.scale + 1
@@ -98,6 +92,45 @@ class MaskingConfig:
                 f"below threshold={self.threshold}"
             )
 
+    @classmethod
+    def sized(
+        cls,
+        threshold: int,
+        roster_size: int,
+        max_weight: int,
+        clip_range: float,
+        *,
+        neighbourhood_size: int | None = None,
+        stage_timeout_s: float = 60.0,
+    ) -> MaskingConfig:
+        """The config whose fixed-point ring fits ``roster_size`` clients of weight <= ``max_weight``.
+
+        The scale is the largest power of two s with ``roster_size * ceil(max_weight * clip_range * s) <
+        2**(bits - 1)`` (no wrap-around, :func:`secagg.encoding.check_capacity`) and ``max_weight * clip_range * s <
+        2**53`` (float64 exactness). A 32-bit ring is used while it leaves s >= :data:`MIN_SCALE` (quantization step
+        at most 2**-16), else a 64-bit ring: e.g. 50 sites of up to 10**5 records each need 64 bits. Sizing from the
+        roster (every client that could ever take part), never from one round's participants, means no round the
+        server can assemble can overflow.
+        """
+        for bits in (32, 64):
+            scale = fixed_point_scale(roster_size, max_weight, clip_range, bits)
+            if scale >= MIN_SCALE:
+                break
+        if scale < 1.0:
+            raise ConfigError(
+                f"{roster_size} clients x weight {max_weight} x clip range {clip_range} leave no fixed-point precision "
+                "even in a 64-bit ring; lower the clip range (run config 'secagg-clip-range')"
+            )
+        return cls(
+            threshold=threshold,
+            neighbourhood_size=neighbourhood_size,
+            modulus_bits=bits,
+            clip_range=clip_range,
+            scale=scale,
+            max_weight=max_weight,
+            stage_timeout_s=stage_timeout_s,
+        )
+
     def max_encoded_magnitude(self) -> int:
         """Largest |encoded coordinate| one client can send: ceil(max_weight * clip_range * scale) (+
         weight)."""
@@ -106,6 +139,30 @@ class MaskingConfig:
     def max_clients(self) -> int:
         """Largest n with n * max_encoded_magnitude < 2**(modulus_bits-1): the signed sum cannot wrap."""
         return (2 ** (self.modulus_bits - 1) - 1) // self.max_encoded_magnitude()
+
+
+#: Smallest fixed-point scale :meth:`MaskingConfig.sized` accepts in a 32-bit ring before moving to 64 bits.
+MIN_SCALE = 2.0**16
+
+
+def fixed_point_scale(max_clients: int, max_weight: int, clip_range: float, modulus_bits: int = 32) -> float:
+    """Largest power of two s with ``max_clients * ceil(max_weight * clip_range * s) < 2**(modulus_bits - 1)`` and
+    ``max_weight * clip_range * s < 2**53``; a value below 1 means the ring leaves no integer precision.
+
+    That is the no-wrap-around condition of :func:`secagg.encoding.check_capacity` for ``max_clients`` clients; a
+    larger s only shrinks the quantization error ``n / (s * sum w)``.
+    """
+    if isinstance(max_clients, bool) or not isinstance(max_clients, int) or max_clients < 1:
+        raise ConfigError(f"max_clients must be an int >= 1, got {max_clients!r}")
+    if isinstance(max_weight, bool) or not isinstance(max_weight, int) or max_weight < 1:
+        raise ConfigError(f"max_weight must be an int >= 1, got {max_weight!r}")
+    if not (math.isfinite(clip_range) and clip_range > 0):
+        raise ConfigError(f"clip_range must be finite and > 0, got {clip_range!r}")
+    limit = min((2 ** (modulus_bits - 1) - 1) // max_clients, FLOAT64_EXACT_INT - 2)  # largest allowed ceil(W c s)
+    exponent = math.floor(math.log2(limit / (max_weight * clip_range)))
+    while exponent > -60 and math.ceil(max_weight * clip_range * 2.0**exponent) + 1 > limit:
+        exponent -= 1
+    return float(2.0**exponent)
 
 
 @dataclass(frozen=True)

@@ -149,8 +149,8 @@ class Roster(Mapping[int, Ed25519PublicKey]):
             self._keys[node_id].verify(bytes(signature), bytes(message))
         except InvalidSignature:
             raise SignatureInvalid(
-                f"advertised keys of node {node_id} are not signed by its roster identity key "
-                "(possible key substitution by the server)"
+                f"signature of node {node_id} does not verify against its roster identity key (substituted or "
+                "forged keys, or signed over another run, round, model or participant list)"
             ) from None
 
     def to_bytes(self) -> bytes:
@@ -197,28 +197,50 @@ def round_context(run_id: bytes, round_number: int) -> bytes:
     return bytes(run_id) + struct.pack("<Q", round_number)
 
 
-def advertise_transcript(run_id: bytes, round_number: int, node_id: int, c_public: bytes, s_public: bytes) -> bytes:
-    """Bytes an advertised key bundle signs: domain || run id || round || node id || c_pk || s_pk."""
+#: Length of a round-setup digest (SHA-256), bound into every advertisement and consistency signature.
+SETUP_DIGEST_BYTES = 32
+
+
+def advertise_transcript(
+    run_id: bytes, round_number: int, node_id: int, c_public: bytes, s_public: bytes, setup: bytes
+) -> bytes:
+    """Bytes an advertised key bundle signs: domain || run id || round || setup digest || node id || c_pk || s_pk.
+
+    ``setup`` is the signer's digest of the round as it saw it (global model, participants, d, t, k, modulus; see
+    :func:`secagg.masking.setup_digest`). A peer verifies the bundle against *its own* digest, so two clients that
+    were shown different models or participant lists cannot complete key sharing with each other (the
+    model-inconsistency attack of Pasquini et al., CCS 2022, is refused at stage 2).
+    """
+    _check_setup(setup)
     return (
         _DOMAIN
         + b"advertise-keys|"
         + round_context(run_id, round_number)
+        + setup
         + struct.pack("<Q", node_id)
         + c_public
         + s_public
     )
 
 
-def consistency_transcript(run_id: bytes, round_number: int, survivors: tuple[int, ...]) -> bytes:
-    """Bytes a consistency-check signature covers: domain || run id || round || u32 n || sorted survivor ids."""
+def consistency_transcript(run_id: bytes, round_number: int, setup: bytes, survivors: tuple[int, ...]) -> bytes:
+    """Bytes a consistency-check signature covers: domain || run id || round || setup digest || u32 n || sorted
+    survivor ids."""
+    _check_setup(setup)
     ids = sorted(survivors)
     return (
         _DOMAIN
         + b"consistency-check|"
         + round_context(run_id, round_number)
+        + setup
         + struct.pack("<I", len(ids))
         + b"".join(struct.pack("<Q", u) for u in ids)
     )
+
+
+def _check_setup(setup: bytes) -> None:
+    if len(setup) != SETUP_DIGEST_BYTES:
+        raise ConfigError(f"round setup digest must be {SETUP_DIGEST_BYTES} bytes, got {len(setup)}")
 
 
 def _hkdf(secret: bytes, info: bytes) -> bytes:

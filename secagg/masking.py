@@ -1,6 +1,6 @@
 """Secure aggregation by double masking (Bonawitz et al. 2017), optionally on the SecAgg+ graph (Bell et al.).
 
-The protocol runs as four named stages (five with the consistency check). Client functions take the
+The protocol runs as five named stages. Client functions take the
 :class:`ClientState` and the server's request bytes and return reply bytes; server functions take the
 :class:`ServerState` and the replies that arrived before the stage timeout (missing nodes have dropped) and
 return the next requests.
@@ -17,8 +17,8 @@ stage                 client (node u)                              server
                       s_sk_u (t of |N(u)|); AEAD-encrypt per peer
 3 masked input        :func:`masked_input`: decrypt shares;        :func:`server_collect_masked_inputs`: U3,
                       y_u = e_u + PRG(b_u) + sum_v +-PRG(s_uv)     running modular sum; survivor list
-3b consistency        :func:`consistency_check` (optional): sign   :func:`server_collect_consistency`: >= t
-   check              U3 with the identity key                     signatures, sent with U3 to the signers
+3b consistency        :func:`consistency_check`: check U3 against  :func:`server_collect_consistency`: >= t
+   check              its own U2, sign U3 with the identity key    signatures, sent with U3 to the signers
 4 unmask              :func:`unmask`: b_v shares for survivors,    :func:`server_unmask`: reconstruct b_v
                       s_sk_v shares for dropouts, never both       (v in U3) and s_sk_v (v in U2 \\ U3),
                                                                     remove masks, decode the weighted mean
@@ -26,13 +26,22 @@ stage                 client (node u)                              server
 
 Sign convention: u adds +PRG(s_uv) if u < v and -PRG(s_uv) otherwise, so pairwise masks of two survivors
 cancel. The self mask PRG(b_u) hides y_u even if u's pairwise masks are later revealed because it was
-(wrongly) declared dropped. Threat model: an honest-but-curious server colluding with fewer than t clients
-learns only the sum of at least t inputs; the Ed25519 signatures against a provisioned roster additionally
-stop a server from substituting round keys, and every honest client refuses to reveal both shares for one
-peer. Without the optional consistency check (``MaskingConfig.consistency_check``) an actively malicious
-server can show different survivor lists to different clients; with it, every unmasking client has seen t
-signatures on its own list (see docs/secure_aggregation.md). The both-shares argument also needs t > k/2 on a
-SecAgg+ graph; that is warned about, not refused.
+(wrongly) declared dropped.
+
+Threat model: an actively malicious server colluding with a bounded number of provisioned clients (the bound is
+:func:`secagg.security.tolerated_corruptions`). What the server cannot change comes from provisioning, never from
+its messages: the roster, the run id, t, k, the modulus and the SecAgg+ graph seed. Every honest client checks the
+nested sets of Bonawitz et al. (section 6) from its own view:
+
+* U1 (peers whose signed keys it got) must hold >= t - 1 graph neighbours; every bundle is signed over the signer's
+  digest of the round setup (global model, participants, d, t, k, modulus), verified against the client's own;
+* U2(u) (peers whose share ciphertexts it received and masked with) must give >= t share holders;
+* U3 (survivors) must list u, no neighbour of u outside U2(u), and >= t members of U2(u); u signs U3;
+* U4 (signers) must be >= t roster-valid signatures on exactly the U3 that u signed; then u reveals self-mask
+  shares for U3 and mask-key shares only for U2(u) minus U3, never both for one peer.
+
+A client takes part in at most one protocol instance per round (``last_round``); the app keeps that counter on the
+node's disk. See docs/secure_aggregation.md section 3 for the guarantee and the test of each clause.
 """
 
 from __future__ import annotations
@@ -40,7 +49,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
-import os
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +63,9 @@ from secagg.config import MaskingConfig
 from secagg.encoding import check_capacity, decode_sum, encode, quantization_error_bound
 from secagg.errors import MessageRejected, ProtocolError, ThresholdNotMet
 from secagg.keys import (
+    RUN_ID_BYTES,
     SERVER_ID,
+    SETUP_DIGEST_BYTES,
     Identity,
     Roster,
     RoundKeyPair,
@@ -109,6 +119,28 @@ def neighbour_graph(
     return {u: frozenset(vs) for u, vs in graph.items()}
 
 
+def round_neighbours(
+    roster_graph: Mapping[int, frozenset[int]], participants: Sequence[int]
+) -> dict[int, frozenset[int]]:
+    """Each participant's neighbours in this round: its provisioned (roster) neighbours that take part."""
+    present = frozenset(participants)
+    return {u: roster_graph[u] & present for u in sorted(present)}
+
+
+def setup_digest(model_digest: bytes, participants: Sequence[int], vector_length: int, config: MaskingConfig) -> bytes:
+    """SHA-256 of the round setup one client saw: the global model's digest, the sorted participants, d, t, k and
+    the modulus. Signed inside every key advertisement and consistency signature."""
+    if len(model_digest) != SETUP_DIGEST_BYTES:
+        raise ConfigError(f"model digest must be {SETUP_DIGEST_BYTES} bytes, got {len(model_digest)}")
+    ids = sorted(participants)
+    h = hashlib.sha256(b"fedmpt-secagg/v1/round-setup|")
+    h.update(model_digest)
+    h.update(struct.pack("<I", len(ids)) + b"".join(struct.pack("<Q", u) for u in ids))
+    k = 0 if config.neighbourhood_size is None else config.neighbourhood_size
+    h.update(struct.pack("<QIIB", vector_length, config.threshold, k, config.modulus_bits))
+    return h.digest()
+
+
 def _add_pair_mask(acc: np.ndarray, own: int, peer: int, seed: bytes, context: bytes, *, undo: bool = False) -> None:
     """In place: node ``own``'s share of the pairwise mask with ``peer``, +PRG(s_uv) if own < peer and -PRG(s_uv)
     otherwise (``undo`` applies the opposite, to remove it)."""
@@ -142,21 +174,26 @@ class ClientStage(enum.Enum):
 class ClientState:
     """Everything one client keeps between the stages of one round. ``repr`` shows no secret.
 
-    Build one per round with :meth:`create`. ``last_round`` (optional) makes the client refuse a round number
-    it has already taken part in, so a whole recorded round cannot be replayed to it.
+    Build one per round with :meth:`create` from what provisioning fixed (config, identity, roster, run id, graph
+    seed), the digest of the global model the client received and ``last_round``, the last round this client took
+    part in (kept by the caller across rounds and restarts): a round number <= ``last_round`` is refused, so a
+    recorded or re-run round cannot be replayed to it.
     """
 
     config: MaskingConfig
     identity: Identity = field(repr=False)
     roster: Roster = field(repr=False)
+    pinned_run_id: bytes = b""
+    graph_seed: bytes = field(default=b"", repr=False)
+    model_digest: bytes = b""
     last_round: int | None = None
-    expected_run_id: bytes | None = None
     stage: ClientStage = ClientStage.NEW
     run_id: bytes = b""
     round_number: int = -1
     participants: tuple[int, ...] = ()
     neighbours: frozenset[int] = frozenset()
     vector_length: int = 0
+    setup: bytes = b""
     c_keys: RoundKeyPair | None = field(default=None, repr=False)
     s_keys: RoundKeyPair | None = field(default=None, repr=False)
     self_mask_seed: bytes = field(default=b"", repr=False)
@@ -174,15 +211,35 @@ class ClientState:
         identity: Identity,
         roster: Roster,
         *,
+        run_id: bytes,
+        graph_seed: bytes,
+        model_digest: bytes,
         last_round: int | None = None,
-        expected_run_id: bytes | None = None,
     ) -> ClientState:
         """State for one new round of the client ``identity.node_id``; the roster must list that node."""
         if identity.node_id not in roster:
             raise ConfigError(f"node {identity.node_id} is not in the roster it was given")
         if public_key_of(roster, identity.node_id) != identity.public:
             raise ConfigError(f"roster key of node {identity.node_id} does not match its identity key")
-        return cls(config, identity, roster, last_round=last_round, expected_run_id=expected_run_id)
+        if len(run_id) != RUN_ID_BYTES or len(graph_seed) != 32 or len(model_digest) != SETUP_DIGEST_BYTES:
+            raise ConfigError(
+                f"pinned run id, graph seed and model digest must be 16, 32 and 32 bytes, got {len(run_id)}, "
+                f"{len(graph_seed)} and {len(model_digest)}"
+            )
+        return cls(
+            config,
+            identity,
+            roster,
+            pinned_run_id=bytes(run_id),
+            graph_seed=bytes(graph_seed),
+            model_digest=bytes(model_digest),
+            last_round=last_round,
+        )
+
+    @property
+    def masked_with(self) -> frozenset[int]:
+        """U2 as this client saw it: the peers whose share ciphertexts it received (and masked with)."""
+        return frozenset(self.held_shares) - {self.node_id}
 
     @property
     def node_id(self) -> int:
@@ -219,8 +276,10 @@ def public_key_of(roster: Roster, node_id: int) -> bytes:
 def advertise_keys(state: ClientState, request: bytes) -> bytes:
     """Stage 1 (client): check the round setup, draw fresh X25519 pairs (c, s) and return them signed.
 
-    The client refuses a setup whose threshold, neighbourhood size or modulus differ from its own config (a
-    server cannot lower t), which does not list it, lists fewer than t nodes, or would overflow the modulus.
+    The client refuses a setup for another run than its pinned one, for a round <= ``last_round``, whose threshold,
+    neighbourhood size, modulus or graph seed differ from what provisioning fixed (a server cannot lower t or pick
+    the SecAgg+ graph), which does not list it, lists fewer than t nodes or nodes outside the roster, or would
+    overflow the modulus. The bundle is signed over (run, round, setup digest, node, c_pk, s_pk).
     """
     state._require(ClientStage.NEW, "advertise_keys")
     env = wire.unpack(
@@ -232,39 +291,48 @@ def advertise_keys(state: ClientState, request: bytes) -> bytes:
         sender=SERVER_ID,
     )
     cfg = state.config
-    if state.expected_run_id is not None and env.run_id != state.expected_run_id:
+    if env.run_id != state.pinned_run_id:
         raise MessageRejected(
-            f"ADVERTISE_REQUEST for run {env.run_id.hex()}, node expects run {state.expected_run_id.hex()}"
+            f"ADVERTISE_REQUEST for run {env.run_id.hex()}, node {state.node_id} is pinned to run "
+            f"{state.pinned_run_id.hex()}"
         )
     if state.last_round is not None and env.round_number <= state.last_round:
         raise MessageRejected(
-            f"ADVERTISE_REQUEST for round {env.round_number}, node already took part in round "
-            f"{state.last_round} (replayed round)"
+            f"ADVERTISE_REQUEST for round {env.round_number}, node {state.node_id} already took part in round "
+            f"{state.last_round} (replayed or re-run round)"
         )
     req = wire.decode_advertise_request(env.payload)
     want_k = 0 if cfg.neighbourhood_size is None else cfg.neighbourhood_size
     got = (req.threshold, req.neighbourhood_size, req.modulus_bits, req.consistency_check)
-    want = (cfg.threshold, want_k, cfg.modulus_bits, cfg.consistency_check)
+    want = (cfg.threshold, want_k, cfg.modulus_bits, True)
     if got != want:
         raise MessageRejected(
             f"ADVERTISE_REQUEST parameters (t, k, bits, consistency check) = {got} differ from this node's "
-            f"config {want}"
+            f"provisioned {want}"
         )
+    if req.graph_seed != state.graph_seed:
+        raise MessageRejected("ADVERTISE_REQUEST graph seed differs from the provisioned SecAgg+ graph seed")
     if state.node_id not in req.participants:
         raise MessageRejected(f"ADVERTISE_REQUEST does not list node {state.node_id} as a participant")
+    strangers = sorted(set(req.participants) - set(state.roster))
+    if strangers:
+        raise MessageRejected(f"ADVERTISE_REQUEST lists nodes {strangers} that are not in the provisioned roster")
     if len(req.participants) < cfg.threshold:
         raise ThresholdNotMet(f"{len(req.participants)} participants, threshold is {cfg.threshold}")
     if not 0 < req.vector_length <= MAX_VECTOR_LENGTH:
         raise MessageRejected(f"ADVERTISE_REQUEST vector length {req.vector_length} outside [1, {MAX_VECTOR_LENGTH}]")
     check_capacity(cfg, len(req.participants))
     state.run_id, state.round_number = env.run_id, env.round_number
+    state.last_round = env.round_number  # one protocol instance per round, whatever happens next
     state.guard.accept(env)
     state.participants = req.participants
     state.vector_length = req.vector_length
-    state.neighbours = neighbour_graph(req.participants, cfg.neighbourhood_size, req.graph_seed)[state.node_id]
+    roster_graph = neighbour_graph(list(state.roster), cfg.neighbourhood_size, state.graph_seed)
+    state.neighbours = roster_graph[state.node_id] & frozenset(req.participants)
+    state.setup = setup_digest(state.model_digest, req.participants, req.vector_length, cfg)
     state.c_keys, state.s_keys = RoundKeyPair.generate(), RoundKeyPair.generate()
     transcript = advertise_transcript(
-        state.run_id, state.round_number, state.node_id, state.c_keys.public, state.s_keys.public
+        state.run_id, state.round_number, state.node_id, state.c_keys.public, state.s_keys.public, state.setup
     )
     bundle = wire.KeyBundle(state.c_keys.public, state.s_keys.public, state.identity.sign(transcript))
     state.stage = ClientStage.ADVERTISED
@@ -287,9 +355,11 @@ def share_keys(state: ClientState, request: bytes) -> bytes:
     strangers = sorted(set(bundles) - state.neighbours)
     if strangers:
         raise MessageRejected(f"SHARE_KEYS_REQUEST to node {state.node_id} lists non-neighbours {strangers}")
-    for v, b in bundles.items():
+    for v, b in bundles.items():  # against this client's own setup digest: a peer shown another model fails
         state.roster.verify(
-            v, advertise_transcript(state.run_id, state.round_number, v, b.c_public, b.s_public), b.signature
+            v,
+            advertise_transcript(state.run_id, state.round_number, v, b.c_public, b.s_public, state.setup),
+            b.signature,
         )
     if len(bundles) + 1 < state.config.threshold:
         raise ThresholdNotMet(
@@ -375,30 +445,50 @@ def masked_input(state: ClientState, request: bytes, update: np.ndarray, weight:
 
 
 def _check_survivors(state: ClientState, survivors: tuple[int, ...], what: str) -> None:
-    if state.node_id not in survivors:
-        raise MessageRejected(f"{what} to node {state.node_id} does not list it as a survivor")
+    """The nested-set rules for U3 from this client's own view (Bonawitz et al. section 6, locally on a graph).
+
+    U3 must list this node, only participants, no neighbour whose shares this node never received (a survivor it
+    did not mask with would break the sum, and listing as survivors only peers it did mask with is what the
+    forwarding attack needs), and at least t members of U2(u) = the peers it masked with plus itself: so the
+    server cannot declare the peers it forwarded dropped and unmask this node's input with their mask keys.
+    """
+    u = state.node_id
+    if u not in survivors:
+        raise MessageRejected(f"{what} to node {u} does not list it as a survivor")
     unknown = sorted(set(survivors) - set(state.participants))
     if unknown:
         raise MessageRejected(f"{what} lists non-participants {unknown}")
     if len(survivors) < state.config.threshold:
         raise ThresholdNotMet(f"{what}: {len(survivors)} survivors, threshold is {state.config.threshold}")
+    u2 = state.masked_with | {u}
+    outside = sorted((set(survivors) & state.neighbours) - u2)
+    if outside:
+        raise MessageRejected(
+            f"{what} lists neighbours {outside} as survivors, but node {u} received no shares from them "
+            "(survivor list outside U2)"
+        )
+    kept = len(set(survivors) & u2)
+    if kept < state.config.threshold:
+        raise ThresholdNotMet(
+            f"{what}: only {kept} of the {len(u2)} nodes node {u} masked with (itself included) survive, threshold "
+            f"is {state.config.threshold} (declaring the forwarded peers dropped would expose its input)"
+        )
 
 
 def consistency_check(state: ClientState, request: bytes) -> bytes:
-    """Optional stage 3b (client): sign the survivor list U3 (Bonawitz et al.'s ConsistencyCheck round).
+    """Stage 3b (client): check U3 against this node's U2 and sign it (Bonawitz et al.'s ConsistencyCheck round).
 
-    The signature, by the client's roster identity over (run id, round, sorted U3), lets every survivor check in
-    :func:`unmask` that at least t clients saw the same list, so the server cannot claim a node dropped to some
-    clients and alive to others.
+    The signature, by the client's roster identity over (run id, round, setup digest, sorted U3), lets every
+    survivor check in :func:`unmask` that at least t clients saw the same list and the same round setup, so the
+    server cannot claim a node dropped to some clients and alive to others.
     """
-    if not state.config.consistency_check:
-        raise ProtocolError(f"node {state.node_id}: consistency_check called but the config disables it")
     state._require(ClientStage.MASKED, "consistency_check")
     env = state._open(request, Kind.CONSISTENCY_REQUEST)
     survivors = wire.decode_survivors(env.payload, "CONSISTENCY_REQUEST")
     _check_survivors(state, survivors, "CONSISTENCY_REQUEST")
     state.signed_survivors = tuple(sorted(survivors))
-    signature = state.identity.sign(consistency_transcript(state.run_id, state.round_number, survivors))
+    transcript = consistency_transcript(state.run_id, state.round_number, state.setup, survivors)
+    signature = state.identity.sign(transcript)
     state.stage = ClientStage.CHECKED
     return state._pack(Kind.CONSISTENCY_SIGNATURE, signature)
 
@@ -407,32 +497,28 @@ def unmask(state: ClientState, request: bytes) -> bytes:
     """Stage 4 (client): reveal b_v shares for surviving peers and s_sk_v shares for dropped peers, never
     both.
 
-    The survivor list must include this node and hold at least t nodes. A peer the client has already revealed
-    one kind of share for can never get the other kind (the guard behind the late-client argument). With the
-    consistency check on, the list must be the one this node signed and carry >= t valid survivor signatures.
+    The survivor list must be the one this node signed in the consistency check and carry >= t valid signatures
+    of survivors over it (U4 within U3, |U4| >= t). Self-mask shares go out for U3, mask-key shares for U2(u) minus
+    U3, and a peer the client has already revealed one kind of share for can never get the other kind.
     """
-    checked = state.config.consistency_check
-    state._require(ClientStage.CHECKED if checked else ClientStage.MASKED, "unmask")
+    state._require(ClientStage.CHECKED, "unmask")
     env = state._open(request, Kind.UNMASK_REQUEST)
     survivor_list, signatures = wire.decode_unmask_request(env.payload)
+    if sorted(survivor_list) != sorted(state.signed_survivors or ()):
+        raise MessageRejected(
+            f"UNMASK_REQUEST survivor list differs from the one node {state.node_id} signed in the "
+            "consistency check (server equivocation)"
+        )
     _check_survivors(state, survivor_list, "UNMASK_REQUEST")
     survivors = frozenset(survivor_list)
-    if checked:
-        if sorted(survivor_list) != sorted(state.signed_survivors or ()):
-            raise MessageRejected(
-                f"UNMASK_REQUEST survivor list differs from the one node {state.node_id} signed in the "
-                "consistency check (server equivocation)"
-            )
-        strangers = sorted(set(signatures) - survivors)
-        if strangers:
-            raise MessageRejected(f"UNMASK_REQUEST carries consistency signatures of non-survivors {strangers}")
-        transcript = consistency_transcript(state.run_id, state.round_number, survivor_list)
-        for signer, signature in signatures.items():
-            state.roster.verify(signer, transcript, signature)
-        if len(signatures) < state.config.threshold:
-            raise ThresholdNotMet(f"{len(signatures)} consistency signatures, threshold is {state.config.threshold}")
-    elif signatures:
-        raise MessageRejected("UNMASK_REQUEST carries consistency signatures, but the check is off")
+    strangers = sorted(set(signatures) - survivors)
+    if strangers:
+        raise MessageRejected(f"UNMASK_REQUEST carries consistency signatures of non-survivors {strangers}")
+    transcript = consistency_transcript(state.run_id, state.round_number, state.setup, survivor_list)
+    for signer, signature in signatures.items():
+        state.roster.verify(signer, transcript, signature)
+    if len(signatures) < state.config.threshold:
+        raise ThresholdNotMet(f"{len(signatures)} consistency signatures, threshold is {state.config.threshold}")
     entries: list[tuple[int, RevealKind, bytes]] = []
     for v in sorted(state.held_shares):
         kind = RevealKind.SELF_MASK_SEED if v in survivors else RevealKind.MASK_SECRET_KEY
@@ -491,7 +577,8 @@ class ServerState:
     participants: tuple[int, ...]
     graph: dict[int, frozenset[int]]
     vector_length: int
-    roster: Roster | None = field(default=None, repr=False)
+    roster: Roster = field(repr=False)
+    setup: bytes = b""
     stage: ServerStage = ServerStage.ADVERTISE
     bundles: dict[int, wire.KeyBundle] = field(default_factory=dict, repr=False)
     ciphertexts: dict[int, dict[int, bytes]] = field(default_factory=dict, repr=False)
@@ -545,20 +632,26 @@ def server_start_round(
     vector_length: int,
     round_number: int,
     *,
-    run_id: bytes | None = None,
-    graph_seed: bytes | None = None,
-    roster: Roster | None = None,
+    run_id: bytes,
+    graph_seed: bytes,
+    model_digest: bytes,
+    roster: Roster,
 ) -> tuple[ServerState, dict[int, bytes]]:
-    """Stage 0 (server): fix the participants, draw the graph seed and send ADVERTISE_REQUEST to each.
+    """Stage 0 (server): fix the participants and send ADVERTISE_REQUEST to each.
 
-    ``vector_length`` is d, the number of model coordinates (one weight coordinate is added on the wire).
-    ``roster`` lets an honest server drop clients whose bundles are not validly signed (clients check anyway).
+    ``vector_length`` is d, the number of model coordinates (one weight coordinate is added on the wire). The run
+    id, graph seed, t, k and modulus are the provisioned ones (clients refuse any other); ``model_digest`` is the
+    digest of the global model sent with the request, which every client signs as it received it. The roster lets
+    an honest server drop clients whose signatures do not verify (clients check anyway).
     """
     nodes = tuple(sorted(participants))
     for u in nodes:
         check_node_id(u)
     if len(set(nodes)) != len(nodes):
         raise ConfigError(f"participants must be distinct, got {list(participants)}")
+    strangers = sorted(set(nodes) - set(roster))
+    if strangers:
+        raise ConfigError(f"participants {strangers} are not in the roster")
     if len(nodes) < config.threshold:
         raise ThresholdNotMet(f"{len(nodes)} participants, threshold is {config.threshold}")
     if not 0 < vector_length <= MAX_VECTOR_LENGTH:
@@ -567,24 +660,11 @@ def server_start_round(
         raise ConfigError(f"round_number must be >= 0, got {round_number}")
     check_capacity(config, len(nodes))
     k = config.neighbourhood_size
-    if k is not None and k < len(nodes) - 1 and 2 * config.threshold <= k:
-        logger.warning(
-            "threshold %d <= neighbourhood_size/2 = %d: secure only against an honest-but-curious server",
-            config.threshold,
-            k // 2,
-        )
-    run_id = os.urandom(16) if run_id is None else run_id
-    graph_seed = os.urandom(32) if graph_seed is None else graph_seed
-    graph = neighbour_graph(nodes, k, graph_seed)
-    state = ServerState(config, run_id, round_number, nodes, graph, vector_length, roster=roster)
+    graph = round_neighbours(neighbour_graph(list(roster), k, graph_seed), nodes)
+    setup = setup_digest(model_digest, nodes, vector_length, config)
+    state = ServerState(config, run_id, round_number, nodes, graph, vector_length, roster=roster, setup=setup)
     req = wire.AdvertiseRequest(
-        nodes,
-        graph_seed,
-        vector_length,
-        config.threshold,
-        0 if k is None else k,
-        config.modulus_bits,
-        config.consistency_check,
+        nodes, graph_seed, vector_length, config.threshold, 0 if k is None else k, config.modulus_bits, True
     )
     payload = wire.encode_advertise_request(req)
     return state, {u: state._pack(Kind.ADVERTISE_REQUEST, u, payload) for u in nodes}
@@ -612,12 +692,10 @@ def server_collect_advertisements(state: ServerState, replies: Mapping[int, byte
             continue
         try:
             bundle = wire.decode_key_bundle(env.payload)
-            if state.roster is not None:
-                state.roster.verify(
-                    node,
-                    advertise_transcript(state.run_id, state.round_number, node, bundle.c_public, bundle.s_public),
-                    bundle.signature,
-                )
+            transcript = advertise_transcript(
+                state.run_id, state.round_number, node, bundle.c_public, bundle.s_public, state.setup
+            )
+            state.roster.verify(node, transcript, bundle.signature)
         except MessageRejected as err:
             state.rejected[node] = str(err)
             continue
@@ -671,7 +749,7 @@ def server_collect_shares(state: ServerState, replies: Mapping[int, bytes]) -> d
 def server_collect_masked_inputs(state: ServerState, replies: Mapping[int, bytes]) -> dict[int, bytes]:
     """Stage 3 (server): add the masked vectors (U3) modulo 2**b and send every survivor the survivor list.
 
-    The list goes out as UNMASK_REQUEST, or as CONSISTENCY_REQUEST when the consistency check is on.
+    The list goes out as CONSISTENCY_REQUEST: every survivor checks and signs it before anything is unmasked.
     """
     state._require(ServerStage.MASKED_INPUT, "server_collect_masked_inputs")
     bits, length = state.config.modulus_bits, state.vector_length + 1
@@ -691,23 +769,18 @@ def server_collect_masked_inputs(state: ServerState, replies: Mapping[int, bytes
     if len(survivors) < state.config.threshold:
         raise state._fail(f"{len(survivors)} masked inputs arrived, threshold is {state.config.threshold}")
     state.total, state.survivors = total, tuple(survivors)
-    if state.config.consistency_check:
-        state.stage = ServerStage.CONSISTENCY
-        payload = wire.encode_survivors(state.survivors)
-        return {u: state._pack(Kind.CONSISTENCY_REQUEST, u, payload) for u in state.survivors}
-    state.stage, state.unmaskers = ServerStage.UNMASK, frozenset(state.survivors)
-    payload = wire.encode_unmask_request(state.survivors)
-    return {u: state._pack(Kind.UNMASK_REQUEST, u, payload) for u in state.survivors}
+    state.stage = ServerStage.CONSISTENCY
+    payload = wire.encode_survivors(state.survivors)
+    return {u: state._pack(Kind.CONSISTENCY_REQUEST, u, payload) for u in state.survivors}
 
 
 def server_collect_consistency(state: ServerState, replies: Mapping[int, bytes]) -> dict[int, bytes]:
     """Stage 3b (server): gather survivors' signatures on U3 and send them, with U3, to the signers.
 
-    Needs at least t signatures (checked against the roster when the server has one); only signers are asked
-    to unmask.
+    Needs at least t signatures valid under the roster; only signers are asked to unmask.
     """
     state._require(ServerStage.CONSISTENCY, "server_collect_consistency")
-    transcript = consistency_transcript(state.run_id, state.round_number, state.survivors)
+    transcript = consistency_transcript(state.run_id, state.round_number, state.setup, state.survivors)
     signatures: dict[int, bytes] = {}
     for node in sorted(replies):
         env = state._receive(node, replies[node], Kind.CONSISTENCY_SIGNATURE, set(state.survivors))
@@ -715,8 +788,7 @@ def server_collect_consistency(state: ServerState, replies: Mapping[int, bytes])
             continue
         try:
             signature = wire.decode_signature(env.payload, "CONSISTENCY_SIGNATURE")
-            if state.roster is not None:
-                state.roster.verify(node, transcript, signature)
+            state.roster.verify(node, transcript, signature)
         except MessageRejected as err:
             state.rejected[node] = str(err)
             continue

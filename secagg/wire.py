@@ -152,7 +152,7 @@ class ReplayGuard:
         self.seen.add(key)
 
 
-class _Reader:
+class Reader:
     """Cursor over a payload that raises MessageRejected on any overrun and on leftover bytes."""
 
     def __init__(self, data: bytes, what: str) -> None:
@@ -219,7 +219,7 @@ def encode_advertise_request(req: AdvertiseRequest) -> bytes:
 
 
 def decode_advertise_request(payload: bytes) -> AdvertiseRequest:
-    r = _Reader(payload, "ADVERTISE_REQUEST")
+    r = Reader(payload, "ADVERTISE_REQUEST")
     n = r.u32()
     seed = r.take(32)
     d, t, k = r.u64(), r.u32(), r.u32()
@@ -266,7 +266,7 @@ def encode_share_keys_request(bundles: dict[int, KeyBundle]) -> bytes:
 
 
 def decode_share_keys_request(payload: bytes) -> dict[int, KeyBundle]:
-    r = _Reader(payload, "SHARE_KEYS_REQUEST")
+    r = Reader(payload, "SHARE_KEYS_REQUEST")
     n = r.count(8 + KEY_BUNDLE_BYTES)
     out: dict[int, KeyBundle] = {}
     for _ in range(n):
@@ -292,7 +292,7 @@ def encode_ciphertexts(items: dict[int, bytes]) -> bytes:
 
 
 def decode_ciphertexts(payload: bytes, what: str) -> dict[int, bytes]:
-    r = _Reader(payload, what)
+    r = Reader(payload, what)
     n = r.count(8 + SHARE_CIPHERTEXT_BYTES)
     out: dict[int, bytes] = {}
     for _ in range(n):
@@ -341,7 +341,7 @@ def encode_survivors(survivors: tuple[int, ...]) -> bytes:
 
 
 def decode_survivors(payload: bytes, what: str) -> tuple[int, ...]:
-    r = _Reader(payload, what)
+    r = Reader(payload, what)
     n = r.count(8)
     ids = [r.u64() for _ in range(n)]
     r.done()
@@ -363,7 +363,7 @@ def encode_unmask_request(survivors: tuple[int, ...], signatures: dict[int, byte
 
 def decode_unmask_request(payload: bytes) -> tuple[tuple[int, ...], dict[int, bytes]]:
     """(survivors, {signer: signature over the survivor list})."""
-    r = _Reader(payload, "UNMASK_REQUEST")
+    r = Reader(payload, "UNMASK_REQUEST")
     n = r.u32()
     ids = [r.u64() for _ in range(n)]
     _unique(ids, "UNMASK_REQUEST survivors")
@@ -388,7 +388,7 @@ def encode_unmask(entries: list[tuple[int, RevealKind, bytes]]) -> bytes:
 
 
 def decode_unmask(payload: bytes) -> list[tuple[int, RevealKind, bytes]]:
-    r = _Reader(payload, "UNMASK")
+    r = Reader(payload, "UNMASK")
     n = r.count(9 + SHARE_BYTES)
     out: list[tuple[int, RevealKind, bytes]] = []
     owners: set[int] = set()

@@ -28,18 +28,25 @@ def fedavg_oracle() -> Callable[..., dict[str, np.ndarray]]:
     """FedAvg computed without Flower: ``oracle(run_config, partitions, num_partitions, rounds) -> arrays``.
 
     Every listed partition trains each round with the seed the ClientApp would use; the states are averaged
-    with ``numpy.average`` weighted by example counts (independently of ``fedmpt.training.fedavg``).
+    with ``numpy.average`` weighted by example counts (independently of ``fedmpt.training.fedavg``). ``start`` and
+    ``first_round`` continue from a given state (e.g. the state clients actually decrypted) at a later round.
     """
     from fedmpt.apps import task
     from fedmpt.apps.config import read_app_config
 
     def oracle(
-        config: Mapping[str, Any], partitions: Iterable[int], num_partitions: int, rounds: int
+        config: Mapping[str, Any],
+        partitions: Iterable[int],
+        num_partitions: int,
+        rounds: int,
+        *,
+        start: Mapping[str, np.ndarray] | None = None,
+        first_round: int = 1,
     ) -> dict[str, np.ndarray]:
         app = read_app_config(dict(config))
         seed = app.federation.seed
-        arrays = task.initial_arrays(app.task, seed)
-        for r in range(1, rounds + 1):
+        arrays = dict(start) if start is not None else task.initial_arrays(app.task, seed)
+        for r in range(first_round, first_round + rounds):
             updates = [
                 task.client_update(
                     arrays,

@@ -24,7 +24,7 @@ from typing import Any
 
 from fedmpt.apps.privacy_hooks import PRIVACY_DEFAULTS, PrivacyRunConfig, privacy_config_from
 from fedmpt.apps.run_config import from_run_config, run_config_defaults
-from fedmpt.apps.secure_aggregation import SECAGG_DEFAULTS, SecureAggregationConfig, secure_aggregation_config_from
+from fedmpt.apps.secagg_config import SECAGG_DEFAULTS, SecureAggregationConfig, secure_aggregation_config_from
 from fedmpt.apps.task import TASK_DEFAULTS, TaskConfig, task_config_from
 from fedmpt.errors import ConfigError, check_int
 from fedmpt.rundir import check_run_name

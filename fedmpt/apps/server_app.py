@@ -30,15 +30,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from numpy.typing import NDArray
 
 from fedmpt.apps import privacy_hooks, task
+from fedmpt.apps.aggregators import Status, build_aggregator, exchange, federated_metrics
 from fedmpt.apps.config import AppConfig, read_app_config
 from fedmpt.apps.grid import ResponsiveGrid
-from fedmpt.apps.messages import Key, RecordName, collect_replies, from_array_record, to_array_record
-from fedmpt.apps.secure_aggregation import ServerSecureAggregation
+from fedmpt.apps.messages import Key, RecordName
 from fedmpt.errors import FederationError
 from fedmpt.partition import sample_participants
 from fedmpt.rundir import ClientFailure, RoundRecord, RunDirectory
@@ -50,15 +49,6 @@ logger = logging.getLogger("flwr.fedmpt.server")
 _POLL_S = 0.5
 _EVALUATION_STREAM = 1
 _PROGRESS_KEYS = ("mAP", "CF1", "OF1", "iid-mAP")
-
-
-@dataclass(frozen=True)
-class _Reply:
-    client_id: int
-    node_id: int
-    arrays: dict[str, NDArray[Any]] | None
-    metrics: dict[str, float]
-    bytes_up: int
 
 
 @dataclass
@@ -132,70 +122,6 @@ def _discover(
     return [ClientFailure(node_id, reason) for node_id, reason in sorted(reasons.items())]
 
 
-def _exchange(
-    grid: Grid,
-    message_type: str,
-    targets: Mapping[int, int],
-    arrays: ArrayRecord,
-    server_round: int,
-    timeout_s: float,
-    expect_arrays: Mapping[str, tuple[int, ...]] | None,
-) -> tuple[list[_Reply], list[ClientFailure], int]:
-    """Send ``arrays`` to every client in ``targets`` (client id -> node id); collect replies and failures."""
-    messages = [
-        Message(
-            RecordDict({RecordName.ARRAYS: arrays, RecordName.CONFIG: ConfigRecord({Key.SERVER_ROUND: server_round})}),
-            dst_node_id=node_id,
-            message_type=message_type,
-            group_id=str(server_round),
-        )
-        for node_id in targets.values()
-    ]
-    bytes_down = arrays.count_bytes() * len(messages)
-    client_of = {node_id: client_id for client_id, node_id in targets.items()}
-    replies: list[_Reply] = []
-    failures: list[ClientFailure] = []
-    for client_id, node_id, reply in collect_replies(
-        grid, messages, client_of, timeout_s, failures, label=message_type
-    ):
-        refusal = privacy_hooks.refusal_reason(reply)  # a DP node over its budget: not an error, no update
-        if refusal is not None:
-            failures.append(ClientFailure(node_id, refusal, client_id=client_id))
-            continue
-        problem, parsed = _parse_reply(reply, expect_arrays)
-        if problem:
-            failures.append(ClientFailure(node_id, f"malformed reply: {problem}", client_id=client_id))
-            continue
-        reply_arrays, metrics, bytes_up = parsed
-        replies.append(_Reply(client_id, node_id, reply_arrays, metrics, bytes_up))
-    replies.sort(key=lambda r: r.client_id)
-    failures.sort(key=lambda f: (f.client_id if f.client_id is not None else -1, f.node_id))
-    return replies, failures, bytes_down
-
-
-def _parse_reply(
-    reply: Message, expect_arrays: Mapping[str, tuple[int, ...]] | None
-) -> tuple[str, tuple[dict[str, NDArray[Any]] | None, dict[str, float], int]]:
-    metric_records = reply.content.metric_records
-    if RecordName.METRICS not in metric_records:
-        return "no metrics record", (None, {}, 0)
-    metrics = {k: float(v) for k, v in metric_records[RecordName.METRICS].items() if isinstance(v, int | float)}
-    if expect_arrays is None:
-        return "", (None, metrics, 0)
-    record = reply.content.array_records.get(RecordName.ARRAYS)
-    if record is None:
-        return "no arrays record", (None, metrics, 0)
-    arrays = from_array_record(record)
-    shapes = {name: tuple(a.shape) for name, a in arrays.items()}
-    if shapes != dict(expect_arrays):
-        return f"arrays {shapes} differ from the global state {dict(expect_arrays)}", (None, metrics, 0)
-    if not all(np.all(np.isfinite(a)) for a in arrays.values()):
-        return "non-finite values in the arrays", (None, metrics, 0)
-    if metrics.get(Key.NUM_EXAMPLES, 0.0) <= 0:
-        return f"{Key.NUM_EXAMPLES} must be > 0, got {metrics.get(Key.NUM_EXAMPLES)}", (None, metrics, 0)
-    return "", (arrays, metrics, record.count_bytes())
-
-
 def _evaluation_sample(num_clients: int, fraction: float, server_round: int, seed: int) -> list[int]:
     """Indices of the clients that evaluate in ``server_round``: all of them, or ceil(fraction * n) of them.
 
@@ -237,8 +163,8 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
     run_ledger = privacy_hooks.RunLedger(run.path, config.privacy) if config.privacy.dp else None
     if run_ledger is not None:  # collects and verifies the nodes' signed epsilon ledger entries
         grid = run_ledger.wrap(grid)
-    secure = ServerSecureAggregation.create(config, run.path)  # None unless secure-aggregation is on
-    arrays = secure.restore(arrays) if secure is not None else arrays  # CKKS: a checkpoint holds ciphertext
+    aggregator = build_aggregator(config, run.path)  # plain, masking or CKKS: fedmpt.apps.aggregators
+    arrays = aggregator.restore(arrays)  # CKKS: a checkpoint holds the encrypted state
     for server_round in range(point.round + 1, fed.num_server_rounds + 1):
         started = time.monotonic()
         node_ids = _wait_for_nodes(grid, fed.min_clients, fed.wait_for_clients_s)
@@ -252,53 +178,22 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
         client_ids = sorted(available)
         chosen = sample_participants(len(client_ids), fed.fraction_train, server_round, fed.seed, fed.min_clients)
         targets = {client_ids[i]: available[client_ids[i]] for i in chosen}
-        shapes = {name: tuple(a.shape) for name, a in arrays.items()}
-        protected = secure.train_round(grid, targets, arrays, server_round, fed) if secure is not None else None
-        if protected is not None:  # masked stages + unmasked weighted mean: fedmpt.apps.secure_aggregation
-            arrays = protected.arrays if protected.arrays is not None else arrays
-            metrics_of = protected.train_metrics
-            replies = [_Reply(c, targets[c], None, metrics_of.get(str(c), {}), 0) for c in protected.replied]
-            failures, bytes_down = protected.failures, protected.bytes_down
-        else:
-            replies, failures, bytes_down = _exchange(
-                grid,
-                MessageType.TRAIN,
-                targets,
-                to_array_record(arrays),
-                server_round,
-                fed.round_timeout_s,
-                shapes,
-            )
-        bytes_up = protected.bytes_up if protected is not None else sum(r.bytes_up for r in replies)
-        extra: dict[str, Any] = {"status": "ok", **(protected.extra if protected else {"secure_aggregation": "none"})}
-        if protected is not None:
-            extra["train"] = protected.train_metrics
-        elif len(replies) >= fed.min_clients:
-            arrays = task.aggregate(
-                [(r.arrays, int(r.metrics[Key.NUM_EXAMPLES])) for r in replies if r.arrays is not None]
-            )
-            extra["train"] = {str(r.client_id): r.metrics for r in replies}
-        else:
-            extra["status"] = "insufficient-replies"
-            logger.warning(
-                "round %d: %d of %d sampled clients replied, min-clients is %d; global state unchanged",
-                server_round,
-                len(replies),
-                len(targets),
-                fed.min_clients,
-            )
-        encrypted = secure is not None and secure.encrypted_model  # CKKS: only clients can decrypt and evaluate
-        federated = encrypted or global_test is None  # no key or no data on the server: clients evaluate
+        outcome = aggregator.train_round(grid, targets, arrays, server_round, fed)
+        arrays = outcome.arrays if outcome.arrays is not None else arrays
+        extra: dict[str, Any] = {"status": outcome.status, **outcome.extra}
+        if outcome.status == Status.OK:
+            extra["train"] = outcome.train_metrics
+        federated = aggregator.encrypted_model or global_test is None  # no key or no data on the server
         global_metrics: dict[str, float] = {}
-        if global_test is not None and not encrypted:
+        if global_test is not None and not aggregator.encrypted_model:
             global_metrics = task.evaluate(arrays, global_test, config.task, run_seed=fed.seed)
         eval_chosen = _evaluation_sample(len(client_ids), fed.fraction_evaluate, server_round, fed.seed)
         eval_targets = {client_ids[i]: available[client_ids[i]] for i in eval_chosen}
-        eval_replies, eval_failures, eval_bytes = _exchange(
+        eval_replies, eval_failures, eval_bytes = exchange(
             grid,
             MessageType.EVALUATE,
             eval_targets,
-            to_array_record(secure.outgoing(arrays) if secure is not None else arrays),
+            aggregator.outgoing(arrays),
             server_round,
             fed.round_timeout_s,
             None,
@@ -306,17 +201,15 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
         if eval_failures:
             extra["evaluate_failed"] = [f.to_json() for f in eval_failures]
         if federated:  # global metrics = example-weighted mean of the clients' metrics on their own test splits
-            global_metrics = ServerSecureAggregation.federated_metrics(
-                {str(r.client_id): r.metrics for r in eval_replies}
-            )
+            global_metrics = federated_metrics({str(r.client_id): r.metrics for r in eval_replies})
         record = RoundRecord(
             round=server_round,
             wall_time_s=time.monotonic() - started,
             clients_sampled=tuple(sorted(targets)),
-            clients_replied=tuple(r.client_id for r in replies),
-            clients_failed=tuple(unidentified) + tuple(failures),
-            bytes_down=bytes_down + eval_bytes,
-            bytes_up=bytes_up,
+            clients_replied=outcome.replied,
+            clients_failed=tuple(unidentified) + tuple(outcome.failures),
+            bytes_down=outcome.bytes_down + eval_bytes,
+            bytes_up=outcome.bytes_up,
             global_metrics=global_metrics,
             clients={str(r.client_id): r.metrics for r in eval_replies},
             epsilon=run_ledger.epsilon_record(targets) if run_ledger is not None else None,
@@ -324,7 +217,7 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
         )
         run.complete_round(
             record,
-            secure.outgoing(arrays) if secure is not None else arrays,  # CKKS: the encrypted state
+            aggregator.outgoing(arrays),  # CKKS: the encrypted state
             rng_state={
                 "sampler": "sample_participants(seed, round)",
                 "seed": fed.seed,
@@ -332,7 +225,7 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
             },
         )
         logger.info("%s", _format_progress(record, fed.num_server_rounds))
-    run.finish(secure.outgoing(arrays) if secure is not None else arrays)
+    run.finish(aggregator.outgoing(arrays))
     logger.info("fedmpt run finished: %s", run.path.resolve())
     return run
 

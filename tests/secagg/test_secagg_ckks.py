@@ -1,4 +1,5 @@
-"""CKKS mode: the server holds no secret key, the aggregate matches the plaintext mean, sizes, rejections."""
+"""CKKS mode: the server holds no secret key, the verified sum matches the plaintext mean, sizes, rejections,
+and the decryption-oracle attacks of a key-less server are refused."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import tenseal as ts
 from fedmpt.errors import ConfigError
 from secagg import ckks
 from secagg.config import CkksConfig
-from secagg.errors import CkksError, MessageRejected
+from secagg.errors import CkksError, MessageRejected, ProtocolError, SignatureInvalid, ThresholdNotMet
+from secagg.keys import Identity, Roster
 
 RUN = os.urandom(16)
 KEY = ckks.new_key_id()
@@ -20,6 +22,8 @@ FLOAT = CkksConfig(max_clients=8, max_weight=5)
 PACKED = CkksConfig(
     coeff_mod_bit_sizes=(60, 40, 60), pack=2, lane_bits=23, packed_scale_bits=25, max_clients=8, max_weight=5
 )
+IDS = {u: Identity.generate(u) for u in range(1, 11)}
+ROSTER = Roster.from_identities(IDS)
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +38,45 @@ def contexts() -> dict[str, tuple[ts.Context, ts.Context]]:
 def _round(
     cfg: CkksConfig, secret: ts.Context, server: ts.Context, ups: dict[int, np.ndarray], ws: dict[int, int]
 ) -> tuple[ckks.CkksAggregate, dict[int, bytes], bytes]:
+    """One honest round: signed uploads, the server's aggregate, and the verified decryption (threshold 2)."""
     msgs = {
         u: ckks.encrypt_update(secret, cfg, ups[u], ws[u], run_id=RUN, round_number=2, sender=u, key_id=KEY)
         for u in ups
     }
     agg = ckks.aggregate(server, cfg, msgs, run_id=RUN, round_number=2, key_id=KEY)
-    return ckks.decrypt_aggregate(secret, cfg, agg, run_id=RUN, round_number=2, key_id=KEY), msgs, agg
+    signed = {u: ckks.sign_upload(IDS[u], m) for u, m in msgs.items()}
+    return _verify(secret, cfg, signed), msgs, agg
+
+
+def _verify(
+    secret: ts.Context, cfg: CkksConfig, signed: dict[int, bytes], *, threshold: int = 2, rnd: int = 2
+) -> ckks.CkksAggregate:
+    return ckks.decrypt_verified(
+        secret, cfg, signed, ROSTER, run_id=RUN, round_number=rnd, key_id=KEY, threshold=threshold
+    )
+
+
+def _upload(
+    secret: ts.Context, sender: int, x: np.ndarray, *, weight: int = 1, rnd: int = 2, run: bytes = RUN
+) -> bytes:
+    return ckks.encrypt_update(secret, FLOAT, x, weight, run_id=run, round_number=rnd, sender=sender, key_id=KEY)
+
+
+def _vectors(ctx: ts.Context, cfg: CkksConfig, upload: bytes) -> tuple[int, list[ts.CKKSVector]]:
+    """(d, ciphertexts) of an upload, read with the module's own codec."""
+    parsed = ckks._unpack_message(upload, ckks.CkksKind.UPLOAD, RUN, 2, ckks.context_fingerprint(ctx, KEY), cfg)
+    return parsed.d, [ts.ckks_vector_from(ctx, raw) for raw in parsed.ciphertexts]
+
+
+def _repack(ctx: ts.Context, cfg: CkksConfig, sender: int, d: int, vectors: list[ts.CKKSVector]) -> bytes:
+    """An UPLOAD-shaped message around ciphertexts someone computed (what a key-less server can build)."""
+    cts = [bytes(v.serialize()) for v in vectors]
+    return ckks._pack_message(ckks.CkksKind.UPLOAD, RUN, 2, sender, d, ckks.context_fingerprint(ctx, KEY), cts)
+
+
+def _with_signature_of(signed: bytes, upload: bytes) -> bytes:
+    """The envelope ``signed`` with its upload replaced and its signature kept."""
+    return ckks.SignedUpload(upload, ckks.SignedUpload.from_bytes(signed).signature).to_bytes()
 
 
 def test_server_holds_no_secret_key(contexts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -61,9 +98,12 @@ def test_server_holds_no_secret_key(contexts, tmp_path: Path) -> None:  # type: 
         ckks.load_kit(tmp_path / "server")
     assert (kit.client_context.stat().st_mode & 0o777) == 0o600
     # What the server ends up holding after a round: its context and ciphertexts, none of which can decrypt.
-    _, _, agg = _round(FLOAT, secret, server, {1: np.ones(3), 2: np.zeros(3)}, {1: 1, 2: 1})
+    _, msgs, agg = _round(FLOAT, secret, server, {1: np.ones(3), 2: np.zeros(3)}, {1: 1, 2: 1})
     with pytest.raises(CkksError, match="secret key"):
         ckks.decrypt_aggregate(server, FLOAT, agg, run_id=RUN, round_number=2, key_id=KEY)
+    signed = {u: ckks.sign_upload(IDS[u], m) for u, m in msgs.items()}
+    with pytest.raises(CkksError, match="secret key"):
+        ckks.decrypt_verified(server, FLOAT, signed, ROSTER, run_id=RUN, round_number=2, key_id=KEY, threshold=2)
     vec = ts.ckks_vector_from(server, agg[ckks.HEADER_BYTES + 4 :])
     with pytest.raises(ValueError, match="secret_key"):
         vec.decrypt()
@@ -77,12 +117,25 @@ def test_aggregate_matches_plaintext_weighted_mean(contexts, mode: str) -> None:
     d = 2 * cfg.slots * cfg.pack + 17  # three ciphertexts, last one partial
     ups = {u: rng.normal(0, 0.3, d) for u in (4, 7, 9)}
     ws = {4: 1, 7: 5, 9: 3}
-    res, _, _ = _round(cfg, secret, server, ups, ws)
+    res, _, agg = _round(cfg, secret, server, ups, ws)
     exact = sum(ws[u] * np.clip(ups[u], -1, 1) for u in ups) / sum(ws.values())
-    assert (res.n_clients, res.total_weight) == (3, 9)
+    assert (res.n_clients, res.total_weight, res.senders) == (3, 9, (4, 7, 9))
     assert np.max(np.abs(res.mean - exact)) < res.error_bound
+    # Every decrypted coordinate lies on the reported grid.
+    grid = res.mean / res.rounding_step
     if mode == "packed":
         assert res.error_bound == pytest.approx(3 / (cfg.quantization_scale() * 9))
+        assert res.rounding_step == pytest.approx(1 / (cfg.quantization_scale() * 9))
+        np.testing.assert_allclose(grid, np.rint(grid), rtol=0, atol=1e-6)
+    else:
+        # noise bound 3 * 2**-24 / 9; 2**10 times that is 2**-14 / 3, and the next power of two is 2**-15
+        assert res.rounding_step == 2.0**-15
+        assert res.error_bound == pytest.approx(3 * 2.0**-24 / 9 + 2.0**-16)
+        np.testing.assert_array_equal(grid, np.rint(grid))
+        assert np.unique(res.mean).size > 100  # not a degenerate grid
+    # The deprecated unverified path (still used by the app) decodes the server's sum to the same values.
+    old = ckks.decrypt_aggregate(secret, cfg, agg, run_id=RUN, round_number=2, key_id=KEY)
+    assert np.max(np.abs(old.mean - exact)) < old.error_bound <= res.error_bound
 
 
 def test_packed_grid_values_are_exact(contexts) -> None:  # type: ignore[no-untyped-def]
@@ -160,3 +213,209 @@ def test_uploads_do_not_correlate_with_the_update(contexts) -> None:  # type: ig
     r = np.corrcoef(words[:m], x[:m])[0, 1]
     assert abs(r) < 6 / np.sqrt(m)
     assert x.astype("<f8").tobytes()[:16] not in up
+
+
+# ------------------------------------------------------------------------------------------------- signed uploads
+
+
+def test_signed_upload_envelope_round_trips_and_rejects_bad_bytes(contexts) -> None:  # type: ignore[no-untyped-def]
+    secret, server = contexts["float"]
+    up = _upload(secret, 1, np.ones(10))
+    env = ckks.sign_upload(IDS[1], up)
+    parsed = ckks.SignedUpload.from_bytes(env)
+    assert parsed.upload == up and len(parsed.signature) == 64 and parsed.to_bytes() == env
+    ROSTER.verify(1, ckks.upload_transcript(RUN, 2, 1, up), parsed.signature)  # an independent check of the signature
+    assert parsed.signature.hex() not in repr(parsed) and "bytes" in repr(parsed)
+    with pytest.raises(MessageRejected, match="truncated"):
+        ckks.SignedUpload.from_bytes(env[:-1])
+    with pytest.raises(MessageRejected, match="truncated header"):
+        ckks.SignedUpload.from_bytes(env[:5])
+    with pytest.raises(MessageRejected, match="trailing"):
+        ckks.SignedUpload.from_bytes(env + b"\x00")
+    with pytest.raises(MessageRejected, match="magic"):
+        ckks.SignedUpload.from_bytes(b"FMCK" + env[4:])
+    with pytest.raises(MessageRejected, match="version"):
+        ckks.SignedUpload.from_bytes(env[:4] + bytes([2]) + env[5:])
+    with pytest.raises(MessageRejected, match="signature length"):
+        ckks.SignedUpload.from_bytes(env[:6] + (63).to_bytes(2, "little") + env[8:-1])
+    with pytest.raises(ProtocolError, match="node 2 was asked to sign a CKKS UPLOAD from sender 1"):
+        ckks.sign_upload(IDS[2], up)
+    agg = ckks.aggregate(server, FLOAT, {1: up}, run_id=RUN, round_number=2, key_id=KEY)
+    with pytest.raises(MessageRejected, match="expected a UPLOAD"):
+        ckks.sign_upload(IDS[1], agg)
+    # A verification failure in the envelope names the node it was keyed by.
+    env2 = ckks.sign_upload(IDS[2], _upload(secret, 2, np.ones(10)))
+    with pytest.raises(MessageRejected, match="keyed by node 2: signed CKKS upload: 1 trailing"):
+        _verify(secret, FLOAT, {1: env, 2: env2 + b"\x00"})
+
+
+def test_server_cannot_present_one_upload_as_the_aggregate(contexts) -> None:  # type: ignore[no-untyped-def]
+    """Attack (a): the key-less server wants a client to decrypt a single upload."""
+    secret, server = contexts["float"]
+    s1 = ckks.sign_upload(IDS[1], _upload(secret, 1, np.full(10, 0.25)))
+    s3 = ckks.sign_upload(IDS[3], _upload(secret, 3, np.zeros(10)))
+    with pytest.raises(ThresholdNotMet, match="1 signed uploads, the threshold is 2"):
+        _verify(secret, FLOAT, {1: s1})
+    with pytest.raises(ThresholdNotMet, match="2 signed uploads, the threshold is 3"):
+        _verify(secret, FLOAT, {1: s1, 3: s3}, threshold=3)
+    with pytest.raises(ConfigError, match="threshold"):
+        _verify(secret, FLOAT, {1: s1}, threshold=1)
+    # Re-keying upload 1 under node 2 to pass the threshold: the signature is node 1's over sender 1.
+    with pytest.raises(SignatureInvalid, match="node 2"):
+        _verify(secret, FLOAT, {2: s1, 3: s3})
+    # Upload 1 plus a copy relabelled as node 2's (a well-formed header naming sender 2): 2 x_1 / 2 = x_1 would
+    # decrypt, but node 2 never signed it.
+    d, vecs = _vectors(server, FLOAT, ckks.SignedUpload.from_bytes(s1).upload)
+    copy = _repack(server, FLOAT, 2, d, vecs)
+    for signature_of in (s1, s3):
+        with pytest.raises(SignatureInvalid, match="node 2"):
+            _verify(secret, FLOAT, {1: s1, 2: _with_signature_of(signature_of, copy)})
+
+
+def test_scaled_or_combined_uploads_fail_the_signature(contexts) -> None:  # type: ignore[no-untyped-def]
+    """Attack (b): a ciphertext the server derived from signed uploads, presented under a client's signature."""
+    secret, server = contexts["float"]
+    up1, up2 = _upload(secret, 1, np.full(10, 0.5)), _upload(secret, 2, np.full(10, -0.5))
+    s1, s2 = ckks.sign_upload(IDS[1], up1), ckks.sign_upload(IDS[2], up2)
+    d, v1 = _vectors(server, FLOAT, up1)
+    _, v2 = _vectors(server, FLOAT, up2)
+    doubled = _repack(server, FLOAT, 1, d, [a + a for a in v1])  # Enc(2 x_1) under sender 1
+    combined = _repack(server, FLOAT, 1, d, [a + b for a, b in zip(v1, v2, strict=True)])
+    for forged in (doubled, combined):
+        with pytest.raises(SignatureInvalid, match="node 1"):
+            _verify(secret, FLOAT, {1: _with_signature_of(s1, forged), 2: s2})
+    # Multiplication by a plaintext scalar (needs a rescaling prime: the packed parameter set has one).
+    psecret, pserver = contexts["packed"]
+    pup = ckks.encrypt_update(psecret, PACKED, np.ones(10), 1, run_id=RUN, round_number=2, sender=1, key_id=KEY)
+    pup2 = ckks.encrypt_update(psecret, PACKED, np.ones(10), 1, run_id=RUN, round_number=2, sender=2, key_id=KEY)
+    pd, pv = _vectors(pserver, PACKED, pup)
+    scaled = _repack(pserver, PACKED, 1, pd, [v * 3 for v in pv])
+    with pytest.raises(SignatureInvalid, match="node 1"):
+        ckks.decrypt_verified(
+            psecret,
+            PACKED,
+            {1: _with_signature_of(ckks.sign_upload(IDS[1], pup), scaled), 2: ckks.sign_upload(IDS[2], pup2)},
+            ROSTER,
+            run_id=RUN,
+            round_number=2,
+            key_id=KEY,
+            threshold=2,
+        )
+
+
+def test_uploads_from_another_round_or_run_are_rejected(contexts) -> None:  # type: ignore[no-untyped-def]
+    """Attack (c): replaying signed uploads of another round, run or key set."""
+    secret, _ = contexts["float"]
+    s2 = ckks.sign_upload(IDS[2], _upload(secret, 2, np.zeros(10)))
+    old_round = ckks.sign_upload(IDS[1], _upload(secret, 1, np.ones(10), rnd=1))
+    other_run = ckks.sign_upload(IDS[1], _upload(secret, 1, np.ones(10), run=os.urandom(16)))
+    for replay in (old_round, other_run):
+        with pytest.raises(MessageRejected, match="node 1"):
+            _verify(secret, FLOAT, {1: replay, 2: s2})
+    # Defence in depth: even a signature over this round's transcript does not make a round-1 upload current.
+    up_old = _upload(secret, 1, np.ones(10), rnd=1)
+    sig = IDS[1].sign(ckks.upload_transcript(RUN, 2, 1, up_old))
+    with pytest.raises(MessageRejected, match="bound to round 1, this is round 2"):
+        _verify(secret, FLOAT, {1: ckks.SignedUpload(up_old, sig).to_bytes(), 2: s2})
+    # The round-1 uploads verify in round 1 (the rejection above is about the binding, not the signature).
+    s2_old = ckks.sign_upload(IDS[2], _upload(secret, 2, np.zeros(10), rnd=1))
+    assert _verify(secret, FLOAT, {1: old_round, 2: s2_old}, rnd=1).n_clients == 2
+    other = ckks.create_secret_context(FLOAT)
+    foreign = ckks.encrypt_update(
+        other, FLOAT, np.ones(10), 1, run_id=RUN, round_number=2, sender=1, key_id=ckks.new_key_id()
+    )
+    with pytest.raises(MessageRejected, match="key set"):
+        _verify(secret, FLOAT, {1: ckks.sign_upload(IDS[1], foreign), 2: s2})
+    # Under the same key id (a symmetric context shows no key, so the fingerprint cannot tell), the foreign
+    # ciphertext decrypts to noise, and the count slot gives it away.
+    mislabelled = ckks.encrypt_update(other, FLOAT, np.ones(10), 1, run_id=RUN, round_number=2, sender=1, key_id=KEY)
+    with pytest.raises(CkksError, match="client count .* differs from the 2 uploads"):
+        _verify(secret, FLOAT, {1: ckks.sign_upload(IDS[1], mislabelled), 2: s2})
+
+
+def test_signatures_from_outside_the_roster_are_refused(contexts) -> None:  # type: ignore[no-untyped-def]
+    """Attack (d): the server signs uploads with keys of its own."""
+    secret, _ = contexts["float"]
+    s2 = ckks.sign_upload(IDS[2], _upload(secret, 2, np.zeros(10)))
+    outsider = Identity.generate(42)
+    with pytest.raises(SignatureInvalid, match="node 42.*not in the provisioned roster"):
+        _verify(secret, FLOAT, {42: ckks.sign_upload(outsider, _upload(secret, 42, np.ones(10))), 2: s2})
+    impostor = Identity.generate(1)  # claims node 1 but holds another key than the roster's
+    with pytest.raises(SignatureInvalid, match="node 1 does not verify"):
+        _verify(secret, FLOAT, {1: ckks.sign_upload(impostor, _upload(secret, 1, np.ones(10))), 2: s2})
+
+
+def test_inner_sender_must_match_the_key_it_is_filed_under(contexts) -> None:  # type: ignore[no-untyped-def]
+    """Attack (e): one sender counted twice. Keys of a mapping are distinct by construction, so a sender can
+    only be duplicated by filing an upload under another node: refused by signature or by the inner header."""
+    secret, _ = contexts["float"]
+    up1 = _upload(secret, 1, np.ones(10))
+    s1, s2 = ckks.sign_upload(IDS[1], up1), ckks.sign_upload(IDS[2], _upload(secret, 2, np.zeros(10)))
+    with pytest.raises(SignatureInvalid, match="node 3"):
+        _verify(secret, FLOAT, {1: s1, 2: s2, 3: s1})  # the same upload under a second key
+    # Node 3 (a real roster member) signs node 1's upload bytes as its own: the header still names sender 1.
+    relabelled = ckks.SignedUpload(up1, IDS[3].sign(ckks.upload_transcript(RUN, 2, 3, up1))).to_bytes()
+    with pytest.raises(MessageRejected, match="keyed by node 3 claims sender 1"):
+        _verify(secret, FLOAT, {1: s1, 2: s2, 3: relabelled})
+
+
+def test_count_and_weight_slots_catch_uploads_no_honest_encoder_makes(contexts) -> None:  # type: ignore[no-untyped-def]
+    """A signer who bypasses encrypt_update (scaling its own upload, a bad weight, values beyond the clip range)
+    is caught after decryption by the count, weight and range checks."""
+    secret, _ = contexts["float"]
+    s1 = ckks.sign_upload(IDS[1], _upload(secret, 1, np.zeros(10)))
+    d, v3 = _vectors(secret, FLOAT, _upload(secret, 3, np.full(10, 0.1)))
+    doubled = _repack(secret, FLOAT, 3, d, [a + a for a in v3])  # count slot 2
+    with pytest.raises(CkksError, match="client count 3.000 differs from the 2 uploads"):
+        _verify(secret, FLOAT, {1: s1, 3: ckks.sign_upload(IDS[3], doubled)})
+
+    def crafted(slots: list[float]) -> bytes:
+        vec = ts.ckks_vector(secret, slots, scale=2.0**FLOAT.scale_bits)
+        return ckks.sign_upload(IDS[3], _repack(secret, FLOAT, 3, 10, [vec]))
+
+    with pytest.raises(CkksError, match="total weight 101.000 is not an integer in \\[2, 10\\]"):
+        _verify(secret, FLOAT, {1: s1, 3: crafted([0.0] * 10 + [100.0, 1.0])})
+    with pytest.raises(CkksError, match="beyond clip_range"):
+        _verify(secret, FLOAT, {1: s1, 3: crafted([50.0] * 10 + [1.0, 1.0])})
+
+
+def test_verified_decryption_of_many_uploads_meets_a_higher_threshold(contexts) -> None:  # type: ignore[no-untyped-def]
+    secret, _ = contexts["float"]
+    rng = np.random.default_rng(11)
+    xs = {u: rng.uniform(-1, 1, 50) for u in range(1, 9)}
+    signed = {u: ckks.sign_upload(IDS[u], _upload(secret, u, xs[u])) for u in xs}
+    res = _verify(secret, FLOAT, signed, threshold=8)
+    exact = np.mean(np.stack(list(xs.values())), axis=0)
+    assert (res.n_clients, res.total_weight) == (8, 8)
+    assert np.max(np.abs(res.mean - exact)) < res.error_bound
+    with pytest.raises(ConfigError, match="threshold"):
+        _verify(secret, FLOAT, signed, threshold=FLOAT.max_clients + 1)
+
+
+@pytest.mark.statistical
+def test_noise_flooding_adds_gaussian_noise_of_the_stated_std(contexts) -> None:  # type: ignore[no-untyped-def]
+    """The flooded mean minus the exact mean has sample std within 6 standard errors of flooding_std
+    (relative standard error 1/sqrt(2 d) for d = 4000 Gaussian draws; false-positive rate ~2e-9), and mean
+    within 6 sigma/sqrt(d) of 0. Rounding to the grid (2**-14, 64 times below sigma) adds a negligible variance."""
+    secret, _ = contexts["float"]
+    rng = np.random.default_rng(12)
+    xs = {u: rng.uniform(-0.5, 0.5, 4000) for u in (1, 2)}
+    signed = {u: ckks.sign_upload(IDS[u], _upload(secret, u, xs[u])) for u in xs}
+    sigma = 2.0**-8
+    res = ckks.decrypt_verified(
+        secret, FLOAT, signed, ROSTER, run_id=RUN, round_number=2, key_id=KEY, threshold=2, flooding_std=sigma
+    )
+    err = res.mean - (xs[1] + xs[2]) / 2
+    assert res.flooding_std == sigma and res.rounding_step == 2.0**-14  # 2 * 2**-24 / 2 * 2**10, exactly
+    np.testing.assert_array_equal(res.mean / res.rounding_step, np.rint(res.mean / res.rounding_step))
+    assert abs(err.std() / sigma - 1) < 6 / np.sqrt(2 * err.size)
+    assert abs(err.mean()) < 6 * sigma / np.sqrt(err.size)
+    with pytest.warns(RuntimeWarning, match="below the rounding step"):
+        ckks.decrypt_verified(
+            secret, FLOAT, signed, ROSTER, run_id=RUN, round_number=2, key_id=KEY, threshold=2, flooding_std=1e-9
+        )
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ConfigError, match="flooding_std"):
+            ckks.decrypt_verified(
+                secret, FLOAT, signed, ROSTER, run_id=RUN, round_number=2, key_id=KEY, threshold=2, flooding_std=bad
+            )

@@ -4,8 +4,6 @@ update."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,82 +15,7 @@ from secagg.encoding import to_signed
 from secagg.errors import MessageRejected, ProtocolError, SignatureInvalid, ThresholdNotMet
 from secagg.keys import SERVER_ID, Identity, Roster
 from secagg.wire import Kind
-
-# ---- in-process round driver: drop-outs per stage and a recording (instrumented) server
-
-
-@dataclass
-class Federation:
-    """Provisioned identities and roster of ``n`` clients with node ids 10, 11, ..."""
-
-    identities: dict[int, Identity]
-    roster: Roster
-
-    @classmethod
-    def provision(cls, n: int, first_id: int = 10) -> Federation:
-        ids = {first_id + i: Identity.generate(first_id + i) for i in range(n)}
-        return cls(ids, Roster.from_identities(ids))
-
-
-@dataclass
-class RoundRecord:
-    """Everything the (instrumented) server received, by stage, and the final states."""
-
-    received: dict[str, dict[int, bytes]] = field(default_factory=dict)
-    sent: dict[str, dict[int, bytes]] = field(default_factory=dict)
-    clients: dict[int, masking.ClientState] = field(default_factory=dict)
-    server: masking.ServerState | None = None
-
-
-def run_round(
-    config: MaskingConfig,
-    fed: Federation,
-    updates: dict[int, np.ndarray],
-    weights: dict[int, int] | None = None,
-    drop_before: dict[str, set[int]] | None = None,
-    round_number: int = 3,
-    record: RoundRecord | None = None,
-) -> masking.AggregateResult:
-    """Run a full round; a node in ``drop_before[stage]`` sends nothing from that stage on."""
-    drop_before = drop_before or {}
-    weights = weights or dict.fromkeys(updates, 1)
-    record = record if record is not None else RoundRecord()
-    nodes = sorted(updates)
-    d = next(iter(updates.values())).size
-    clients = {u: masking.ClientState.create(config, fed.identities[u], fed.roster) for u in nodes}
-    record.clients = clients
-    dropped: set[int] = set()
-
-    def alive(stage: str, requests: dict[int, bytes]) -> list[int]:
-        dropped.update(drop_before.get(stage, set()))
-        return [u for u in sorted(requests) if u not in dropped]
-
-    server, requests = masking.server_start_round(config, nodes, d, round_number, roster=fed.roster)
-    record.server = server
-    record.sent["advertise"] = requests
-    replies = {u: masking.advertise_keys(clients[u], requests[u]) for u in alive("advertise", requests)}
-    record.received["advertise"] = replies
-    requests = masking.server_collect_advertisements(server, replies)
-    record.sent["share"] = requests
-    replies = {u: masking.share_keys(clients[u], requests[u]) for u in alive("share", requests)}
-    record.received["share"] = replies
-    requests = masking.server_collect_shares(server, replies)
-    record.sent["masked"] = requests
-    replies = {
-        u: masking.masked_input(clients[u], requests[u], updates[u], weights[u]) for u in alive("masked", requests)
-    }
-    record.received["masked"] = replies
-    requests = masking.server_collect_masked_inputs(server, replies)
-    if config.consistency_check:
-        record.sent["consistency"] = requests
-        replies = {u: masking.consistency_check(clients[u], requests[u]) for u in alive("consistency", requests)}
-        record.received["consistency"] = replies
-        requests = masking.server_collect_consistency(server, replies)
-    record.sent["unmask"] = requests
-    replies = {u: masking.unmask(clients[u], requests[u]) for u in alive("unmask", requests)}
-    record.received["unmask"] = replies
-    return masking.server_unmask(server, replies)
-
+from tests.secagg.harness import GRAPH_SEED, MODEL, RUN_ID, Federation, RoundRecord, federation_of, run_round
 
 FED8 = Federation.provision(8)
 
@@ -114,12 +37,13 @@ def test_masks_cancel_exactly(n: int, d: int, bits: int, data: st.DataObject) ->
     t = data.draw(st.integers(2, n - 1))
     k = data.draw(st.sampled_from([None, *[k for k in range(2, n, 2) if k >= t]]))
     cfg = MaskingConfig(threshold=t, neighbourhood_size=k, modulus_bits=bits, scale=2.0**10, max_weight=9)
-    nodes = sorted(FED8.identities)[:n]
+    fed = federation_of(n)
+    nodes = sorted(fed.identities)
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     ups = _grid_updates(rng, nodes, d, 2.0**10)
     ws = {u: int(rng.integers(1, 10)) for u in nodes}
     rec = RoundRecord()
-    res = run_round(cfg, FED8, ups, ws, record=rec)
+    res = run_round(cfg, fed, ups, ws, record=rec)
     exact_int = sum(ws[u] * np.round(ups[u] * 2**10).astype(np.int64) for u in nodes)
     assert res.survivors == tuple(nodes) and res.total_weight == sum(ws.values())
     # Exact integers on both sides: the unmasked modular sum equals the plaintext integer sum bit for bit.
@@ -132,12 +56,13 @@ def test_dropouts_after_key_sharing_give_exact_sum_of_survivors(data: st.DataObj
     n, t = 7, 3
     k = data.draw(st.sampled_from([None, 4]))
     cfg = MaskingConfig(threshold=t, neighbourhood_size=k, scale=2.0**8)
-    nodes = sorted(FED8.identities)[:n]
+    fed = federation_of(n)
+    nodes = sorted(fed.identities)
     n_drop = data.draw(st.integers(0, n - t if k is None else 1))
     drop = set(data.draw(st.permutations(nodes))[:n_drop])
     late = data.draw(st.sampled_from(["masked", "unmask"]))
     ups = _grid_updates(np.random.default_rng(n_drop), nodes, 12, 2.0**8)
-    res = run_round(cfg, FED8, ups, drop_before={late: drop})
+    res = run_round(cfg, fed, ups, drop_before={late: drop})
     in_sum = [u for u in nodes if u not in drop] if late == "masked" else nodes
     assert res.survivors == tuple(in_sum)
     np.testing.assert_array_equal(res.mean, np.mean([ups[u] for u in in_sum], axis=0))
@@ -189,8 +114,8 @@ def test_neighbour_graph_is_k_regular_symmetric_and_seed_determined() -> None:
 
 
 def _setup_two_stages(cfg: MaskingConfig, nodes: list[int]):  # type: ignore[no-untyped-def]
-    clients = {u: masking.ClientState.create(cfg, FED8.identities[u], FED8.roster) for u in nodes}
-    server, req = masking.server_start_round(cfg, nodes, 4, 9, roster=FED8.roster)
+    clients = {u: FED8.client(cfg, u) for u in nodes}
+    server, req = FED8.start(cfg, nodes, 4, 9)
     adv = {u: masking.advertise_keys(clients[u], req[u]) for u in nodes}
     req2 = masking.server_collect_advertisements(server, adv)
     return clients, server, adv, req2
@@ -218,13 +143,17 @@ def test_impostor_outside_roster_is_caught() -> None:
     cfg = MaskingConfig(threshold=2)
     nodes = sorted(FED8.identities)[:3]
     impostor = Identity.generate(nodes[1])  # same node id, key not in the roster
-    fake = masking.ClientState(cfg, impostor, Roster.from_identities([impostor]))
-    clients = {u: masking.ClientState.create(cfg, FED8.identities[u], FED8.roster) for u in (nodes[0], nodes[2])}
+    fake = masking.ClientState.create(
+        cfg, impostor, Roster({**{u: FED8.identities[u].public for u in FED8.roster}, nodes[1]: impostor.public}),
+        run_id=RUN_ID, graph_seed=GRAPH_SEED, model_digest=MODEL,
+    )  # fmt: skip
+    clients = {u: FED8.client(cfg, u) for u in (nodes[0], nodes[2])}
     clients[nodes[1]] = fake
-    server, req = masking.server_start_round(cfg, nodes, 4, 9)  # server without roster forwards anything
+    # A server that forwards anything: the impostor's roster is only its own belief.
+    server, req = FED8.start(cfg, nodes, 4, 9, roster=fake.roster)
     adv = {u: masking.advertise_keys(clients[u], req[u]) for u in nodes}
     req2 = masking.server_collect_advertisements(server, adv)
-    with pytest.raises(SignatureInvalid, match="not signed by its roster identity"):
+    with pytest.raises(SignatureInvalid, match="does not verify against its roster identity"):
         masking.share_keys(clients[nodes[0]], req2[nodes[0]])
 
 
@@ -273,7 +202,7 @@ def test_server_rejects_replayed_and_mis_sized_masked_inputs() -> None:
         nodes[3]: fresh[nodes[3]],
     }
     masking.server_collect_masked_inputs(server, replies)
-    assert "bound to run" in server.rejected[nodes[0]]
+    assert "bound to round 3" in server.rejected[nodes[0]]
     assert "truncated" in server.rejected[nodes[1]]
     assert server.survivors == tuple(nodes[2:])
     with pytest.raises(ProtocolError, match="needs server stage masked-input"):
@@ -284,13 +213,30 @@ def test_server_cannot_lower_threshold_or_replay_an_old_round() -> None:
     nodes = sorted(FED8.identities)[:4]
     lax = MaskingConfig(threshold=2)
     strict = MaskingConfig(threshold=3)
-    _, req = masking.server_start_round(lax, nodes, 4, 5)
-    client = masking.ClientState.create(strict, FED8.identities[nodes[0]], FED8.roster)
-    with pytest.raises(MessageRejected, match="differ from this node's config"):
+    _, req = FED8.start(lax, nodes, 4, 5)
+    client = FED8.client(strict, nodes[0])
+    with pytest.raises(MessageRejected, match="differ from this node's provisioned"):
         masking.advertise_keys(client, req[nodes[0]])
-    old = masking.ClientState.create(lax, FED8.identities[nodes[0]], FED8.roster, last_round=5)
-    with pytest.raises(MessageRejected, match="replayed round"):
+    old = FED8.client(lax, nodes[0], last_round=5)
+    with pytest.raises(MessageRejected, match="replayed or re-run round"):
         masking.advertise_keys(old, req[nodes[0]])
+    other_run = FED8.client(lax, nodes[0], run_id=bytes(16))
+    with pytest.raises(MessageRejected, match="is pinned to run"):
+        masking.advertise_keys(other_run, req[nodes[0]])
+    _, reseeded = FED8.start(lax, nodes, 4, 6, graph_seed=b"h" * 32)
+    with pytest.raises(MessageRejected, match="graph seed"):
+        masking.advertise_keys(FED8.client(lax, nodes[0]), reseeded[nodes[0]])
+
+
+def _signed_unmask_request(c: masking.ClientState, survivors: tuple[int, ...], signers: list[int]) -> bytes:
+    """An UNMASK_REQUEST for ``survivors`` with valid consistency signatures of ``signers`` (the server playing
+    every signer, as it can with keys it holds in a test)."""
+    from secagg.keys import consistency_transcript
+
+    transcript = consistency_transcript(c.run_id, c.round_number, c.setup, survivors)
+    sigs = {u: FED8.identities[u].sign(transcript) for u in signers}
+    payload = wire.encode_unmask_request(survivors, sigs)
+    return wire.pack(Kind.UNMASK_REQUEST, c.run_id, c.round_number, SERVER_ID, c.node_id, payload)
 
 
 def test_client_never_reveals_both_shares_of_a_peer() -> None:
@@ -300,17 +246,11 @@ def test_client_never_reveals_both_shares_of_a_peer() -> None:
     run_round(cfg, FED8, {u: np.zeros(2) for u in nodes}, record=rec)
     c = rec.clients[nodes[0]]
     assert c.revealed[nodes[1]] is wire.RevealKind.SELF_MASK_SEED
-    # A second unmask request (the server now claiming nodes[1] dropped) is refused.
-    c.stage = masking.ClientStage.MASKED
+    # A second unmask request (the server now claiming nodes[1] dropped, validly signed) is refused.
+    c.stage = masking.ClientStage.CHECKED
+    c.signed_survivors = (nodes[0], nodes[2])
     c.guard.seen.clear()
-    claim = wire.pack(
-        Kind.UNMASK_REQUEST,
-        c.run_id,
-        c.round_number,
-        SERVER_ID,
-        nodes[0],
-        wire.encode_unmask_request((nodes[0], nodes[2])),
-    )
+    claim = _signed_unmask_request(c, (nodes[0], nodes[2]), [nodes[0], nodes[2]])
     with pytest.raises(ProtocolError, match="refuses to reveal both shares"):
         masking.unmask(c, claim)
 
@@ -325,19 +265,12 @@ def test_unmask_request_must_list_the_client_and_enough_survivors() -> None:
         ((nodes[1], nodes[2], nodes[3]), "does not list it"),
         ((nodes[0], nodes[1]), "threshold"),
     ]:
-        c.stage = masking.ClientStage.MASKED
+        c.stage = masking.ClientStage.CHECKED
+        c.signed_survivors = survivors
         c.guard.seen.clear()
         c.revealed.clear()
-        msg = wire.pack(
-            Kind.UNMASK_REQUEST,
-            c.run_id,
-            c.round_number,
-            SERVER_ID,
-            nodes[0],
-            wire.encode_unmask_request(survivors),
-        )
         with pytest.raises((MessageRejected, ThresholdNotMet), match=match):
-            masking.unmask(c, msg)
+            masking.unmask(c, _signed_unmask_request(c, survivors, list(survivors)))
 
 
 @pytest.mark.statistical
@@ -421,7 +354,7 @@ def test_provisioned_identities_load_back(tmp_path) -> None:  # type: ignore[no-
 
 
 def test_consistency_check_round_with_dropouts() -> None:
-    cfg = MaskingConfig(threshold=3, consistency_check=True, scale=2.0**8)
+    cfg = MaskingConfig(threshold=3, scale=2.0**8)
     nodes = sorted(FED8.identities)[:6]
     ups = _grid_updates(np.random.default_rng(2), nodes, 7, 2.0**8)
     drops = {"masked": {nodes[0]}, "consistency": {nodes[1]}, "unmask": {nodes[2]}}
@@ -433,8 +366,8 @@ def test_consistency_check_round_with_dropouts() -> None:
 
 
 def _to_consistency_stage(cfg: MaskingConfig, nodes: list[int]):  # type: ignore[no-untyped-def]
-    clients = {u: masking.ClientState.create(cfg, FED8.identities[u], FED8.roster) for u in nodes}
-    server, req = masking.server_start_round(cfg, nodes, 3, 9, roster=FED8.roster)
+    clients = {u: FED8.client(cfg, u) for u in nodes}
+    server, req = FED8.start(cfg, nodes, 3, 9)
     rep = {u: masking.advertise_keys(clients[u], req[u]) for u in nodes}
     req = masking.server_collect_advertisements(server, rep)
     rep = {u: masking.share_keys(clients[u], req[u]) for u in nodes}
@@ -445,7 +378,7 @@ def _to_consistency_stage(cfg: MaskingConfig, nodes: list[int]):  # type: ignore
 
 def test_consistency_check_catches_server_equivocation() -> None:
     """The server tells node a that node z dropped, and everyone else that z survived."""
-    cfg = MaskingConfig(threshold=3, consistency_check=True)
+    cfg = MaskingConfig(threshold=3)
     nodes = sorted(FED8.identities)[:5]
     clients, server, _ = _to_consistency_stage(cfg, nodes)
     a, z = nodes[0], nodes[4]
@@ -480,11 +413,13 @@ def test_consistency_check_catches_server_equivocation() -> None:
         masking.unmask(clients[b], request(Kind.UNMASK_REQUEST, b, wire.encode_unmask_request(full, two)))
 
 
-def test_consistency_setting_must_match() -> None:
+def test_a_request_without_the_consistency_check_is_refused() -> None:
     nodes = sorted(FED8.identities)[:3]
-    _, req = masking.server_start_round(MaskingConfig(threshold=2), nodes, 4, 1)
-    client = masking.ClientState.create(
-        MaskingConfig(threshold=2, consistency_check=True), FED8.identities[nodes[0]], FED8.roster
-    )
+    cfg = MaskingConfig(threshold=2)
+    _, req = FED8.start(cfg, nodes, 4, 1)
+    env = wire.unpack(req[nodes[0]], kind=Kind.ADVERTISE_REQUEST, run_id=None, round_number=None, recipient=nodes[0])
+    setup = wire.decode_advertise_request(env.payload)
+    unchecked = wire.AdvertiseRequest(setup.participants, setup.graph_seed, 4, 2, 0, 32, consistency_check=False)
+    bad = wire.pack(Kind.ADVERTISE_REQUEST, RUN_ID, 1, SERVER_ID, nodes[0], wire.encode_advertise_request(unchecked))
     with pytest.raises(MessageRejected, match="consistency check"):
-        masking.advertise_keys(client, req[nodes[0]])
+        masking.advertise_keys(FED8.client(cfg, nodes[0]), bad)

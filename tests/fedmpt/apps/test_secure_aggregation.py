@@ -22,23 +22,15 @@ from safetensors.numpy import load_file
 
 from fedmpt.apps import task
 from fedmpt.apps.client_app import build_client_app
+from fedmpt.apps.client_state import pack_client_state, unpack_client_state
 from fedmpt.apps.config import read_app_config
 from fedmpt.apps.messages import RecordName
-from fedmpt.apps.secure_aggregation import (
-    SecAggKey,
-    SecureAggregationConfig,
-    Stage,
-    default_threshold,
-    fixed_point_scale,
-    flatten,
-    pack_client_state,
-    unflatten,
-    unpack_client_state,
-)
+from fedmpt.apps.secagg_config import SecAggKey, SecureAggregationConfig, Stage
 from fedmpt.apps.server_app import run_federation
-from fedmpt.errors import ConfigError
+from fedmpt.apps.update_vector import flatten, model_digest, unflatten
+from fedmpt.errors import ConfigError, SecureAggregationError
 from secagg import masking
-from secagg.config import MaskingConfig
+from secagg.config import MaskingConfig, fixed_point_scale
 from secagg.encoding import encode, to_signed
 from secagg.keys import Identity, Roster
 
@@ -73,29 +65,31 @@ def test_run_config_keys_reach_the_app_config() -> None:
     assert read_app_config({}).secure_aggregation.enabled is False
 
 
-@pytest.mark.parametrize(
-    ("n", "k", "t"), [(2, 0, 2), (3, 0, 2), (4, 0, 3), (5, 0, 3), (10, 0, 6), (10, 4, 3), (10, 8, 5)]
-)
-def test_default_threshold_is_a_strict_majority(n: int, k: int, t: int) -> None:
-    assert default_threshold(n, k) == t
-
-
 @given(
     n=st.integers(1, 1000),
     w=st.integers(1, 5000),
     c=st.floats(1e-3, 100.0, allow_nan=False),
 )
 def test_fixed_point_scale_is_the_largest_power_of_two_without_overflow(n: int, w: int, c: float) -> None:
-    if n * math.ceil(w * c) >= 2**31:
-        with pytest.raises(ConfigError):
-            fixed_point_scale(n, w, c)
-        return
     s = fixed_point_scale(n, w, c)
     assert math.log2(s) == int(math.log2(s))
+    if s < 1:  # the 32-bit ring leaves no integer precision: MaskingConfig.sized moves to 64 bits
+        assert n * math.ceil(w * c) >= 2**30
+        return
     assert n * math.ceil(w * c * s) < 2**31  # no wrap-around
-    assert n * math.ceil(w * c * 2 * s) >= 2**31  # maximal
+    assert n * (math.ceil(w * c * 2 * s) + 1) >= 2**31 - 1  # maximal
     if n >= 2:  # and the library accepts it for a round of n clients
         assert MaskingConfig(threshold=2, clip_range=c, scale=s, max_weight=w).max_clients() >= n
+
+
+@pytest.mark.parametrize(
+    ("n", "w", "bits"),
+    [(5, 432, 32), (4, 432, 32), (50, 100_000, 64), (200, 100_000, 64), (10, 400, 32)],
+)
+def test_the_ring_sizes_itself_for_pilots_of_up_to_50_sites_of_1e5_records(n: int, w: int, bits: int) -> None:
+    cfg = MaskingConfig.sized(2, n, w, 1.0)
+    assert cfg.modulus_bits == bits and cfg.max_clients() >= n and cfg.scale >= 2.0**16 or bits == 64
+    assert cfg.max_clients() >= n  # every roster member fits, whatever subset the server assembles
 
 
 @given(st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=3), min_size=1, max_size=4))
@@ -107,6 +101,9 @@ def test_flatten_round_trips(shapes: list[list[int]]) -> None:
     for name in arrays:
         np.testing.assert_array_equal(back[name], arrays[name])
     assert flatten(arrays).size == sum(a.size for a in arrays.values())
+
+
+RUN_ID, SEED, MODEL = bytes(range(16)), b"s" * 32, model_digest({"a": np.zeros(3, dtype=np.float32)})
 
 
 @settings(max_examples=5, deadline=None)
@@ -131,10 +128,14 @@ def test_client_state_survives_serialization_between_every_stage(drop: int | Non
         blobs[u] = pack_client_state(state, delta, weight)
         return out
 
-    server, requests = masking.server_start_round(config, list(range(n)), d, 1, roster=roster)
+    server, requests = masking.server_start_round(
+        config, list(range(n)), d, 1, run_id=RUN_ID, graph_seed=SEED, model_digest=MODEL, roster=roster
+    )
     replies = {}
     for u, req in requests.items():
-        state = masking.ClientState.create(config, identities[u], roster)
+        state = masking.ClientState.create(
+            config, identities[u], roster, run_id=RUN_ID, graph_seed=SEED, model_digest=MODEL
+        )
         replies[u] = masking.advertise_keys(state, req)
         blobs[u] = pack_client_state(state, updates[u], weights[u])
     requests = masking.server_collect_advertisements(server, replies)
@@ -145,6 +146,9 @@ def test_client_state_survives_serialization_between_every_stage(drop: int | Non
     requests = masking.server_collect_masked_inputs(
         server,
         {u: step(u, lambda s, u=u: masking.masked_input(s, requests[u], updates[u], weights[u])) for u in alive},
+    )
+    requests = masking.server_collect_consistency(
+        server, {u: step(u, lambda s, r=r: masking.consistency_check(s, r)) for u, r in requests.items()}
     )
     result = masking.server_unmask(
         server, {u: step(u, lambda s, r=r: masking.unmask(s, r)) for u, r in requests.items()}
@@ -159,12 +163,14 @@ def test_stored_state_rejects_tampering() -> None:
     config = MaskingConfig(threshold=2)
     ids = {u: Identity.generate(u) for u in range(2)}
     roster = Roster.from_identities(ids)
-    _, requests = masking.server_start_round(config, [0, 1], 3, 1)
-    state = masking.ClientState.create(config, ids[0], roster)
+    _, requests = masking.server_start_round(
+        config, [0, 1], 3, 1, run_id=RUN_ID, graph_seed=SEED, model_digest=MODEL, roster=roster
+    )
+    state = masking.ClientState.create(config, ids[0], roster, run_id=RUN_ID, graph_seed=SEED, model_digest=MODEL)
     masking.advertise_keys(state, requests[0])
     blob = pack_client_state(state, np.zeros(3), 1)
-    from fedmpt.apps.secure_aggregation import SecureAggregationError
-
+    back, _, _ = unpack_client_state(blob, config, ids[0], roster)
+    assert back.setup == state.setup and back.last_round == 1 and back.participants == (0, 1)
     for bad in (b"XXXX" + blob[4:], blob[:-1], blob + b"\x00"):
         with pytest.raises(SecureAggregationError):
             unpack_client_state(bad, config, ids[0], roster)
@@ -253,7 +259,8 @@ def test_masked_run_matches_fedavg_within_the_stated_bound(
     for line in lines:
         assert line["status"] == "ok" and line["secure_aggregation"] == "masking"
         assert line["clients_replied"] == [0, 1, 2] and line["clients_failed"] == []
-        assert line["secagg"]["threshold"] == 2 and line["secagg"]["survivors"] == [0, 1, 2]
+        # the kit's default t = floor(2 * 3 / 3) + 1 = 3: all three must survive
+        assert line["secagg"]["threshold"] == 3 and line["secagg"]["survivors"] == [0, 1, 2]
         assert line["secagg"]["clipped_coordinates"] == 0
         assert set(line["train"]) == {"0", "1", "2"} and all("train_loss" in m for m in line["train"].values())
     resolved = json.loads((run.path / "config.json").read_text())["config"]
@@ -331,7 +338,7 @@ def test_nothing_the_server_receives_correlates_with_a_client_update(
     line = _lines(Path(cfg["runs-dir"]) / "r")[0]
     scale, max_weight = line["secagg"]["scale"], line["secagg"]["max_weight"]
     train_replies = [m for m in grid.received if _stage(m)]
-    assert len(train_replies) == 4 * 3  # 4 stages x 3 clients
+    assert len(train_replies) == 5 * 3  # 5 stages x 3 clients
     masked = 0
     threshold = 6 / math.sqrt(d)
     for reply in train_replies:
@@ -363,7 +370,8 @@ def test_ckks_run_matches_fedavg_and_the_server_holds_only_ciphertext(
 ) -> None:
     """Clients decrypt, train and upload Enc(w * state); the server adds ciphertexts with a key-less context and
     checkpoints the encrypted state; clients evaluate it (federated evaluation)."""
-    from fedmpt.apps.secure_aggregation import CKKS_AGGREGATE_ARRAY, CKKS_BINDING_ARRAY, ServerSecureAggregation
+    from fedmpt.apps.aggregators import federated_metrics
+    from fedmpt.apps.ckks_app import CKKS_BINDING_ARRAY, CKKS_STATE_ARRAY
     from secagg import ckks
 
     cfg = config(**{"secure-aggregation": "ckks", "num-server-rounds": 2})
@@ -382,34 +390,49 @@ def test_ckks_run_matches_fedavg_and_the_server_holds_only_ciphertext(
             assert RecordName.ARRAYS not in reply.content.array_records
             assert "num-examples" not in reply.content.metric_records.get(RecordName.METRICS, {})
     final = load_file(str(run.path / "final.safetensors"))
-    assert set(final) == {CKKS_AGGREGATE_ARRAY, CKKS_BINDING_ARRAY}  # the server never had the model in the clear
+    assert set(final) == {CKKS_STATE_ARRAY, CKKS_BINDING_ARRAY}  # the server never had the model in the clear
     server_context, _, _ = ckks.load_kit(run.path / "secagg" / "ckks" / "server")
     assert not server_context.is_private()
-    context, ckks_config, key_id = ckks.load_kit(run.path / "secagg" / "ckks" / "client")
+    # Round 1 against FedAvg; round 2 against FedAvg from the state the clients decrypted after round 1 (the
+    # decryption rounds it to a grid, and local training does not shrink that difference). Each within the bound
+    # the verified decryption reports (CKKS noise plus half a grid step) plus float32 rounding of the state.
+    round1 = _decrypt_final(run.path, load_file(str(run.path / "checkpoints" / "round_0001.safetensors")), 1)
+    expected1 = fedavg_oracle(cfg, [0, 1, 2], 3, rounds=1)
+    state1 = unflatten(round1.mean, expected1)
+    _assert_close_to_oracle(state1, expected1, round1.error_bound)
+    result = _decrypt_final(run.path, final, 2)
+    assert result.n_clients == 3 and result.total_weight == 48
+    expected = fedavg_oracle(cfg, [0, 1, 2], 3, rounds=1, start=state1, first_round=2)
+    _assert_close_to_oracle(unflatten(result.mean, expected), expected, result.error_bound)
+    assert federated_metrics({}) == {}
+
+
+def _decrypt_final(run_path: Path, final: dict[str, np.ndarray], round_number: int) -> Any:
+    """A client's verified decryption of the checkpointed state (signed uploads of ``round_number``)."""
+    from fedmpt.apps.ckks_app import CKKS_BINDING_ARRAY, CKKS_STATE_ARRAY, decode_upload_set
+    from fedmpt.apps.kit import Kit
+    from secagg import ckks
+
+    kit = Kit.load(run_path / "secagg")
+    context, ckks_config, key_id = ckks.load_kit(kit.ckks_dir / "client")
     binding = final[CKKS_BINDING_ARRAY].tobytes()
-    result = ckks.decrypt_aggregate(
+    assert binding[:16] == kit.params.run_id and int.from_bytes(binding[16:], "little") == round_number
+    return ckks.decrypt_verified(
         context,
         ckks_config,
-        final[CKKS_AGGREGATE_ARRAY].tobytes(),
-        run_id=binding[:16],
-        round_number=int.from_bytes(binding[16:], "little"),
+        decode_upload_set(final[CKKS_STATE_ARRAY].tobytes()),
+        kit.roster,
+        run_id=kit.params.run_id,
+        round_number=round_number,
         key_id=key_id,
+        threshold=kit.params.threshold,
     )
-    assert result.n_clients == 3 and result.total_weight == 48
-    expected = fedavg_oracle(cfg, [0, 1, 2], 3, rounds=2)
-    decrypted = unflatten(result.mean, expected)
-    # CKKS noise: float-mode heuristic bound n * 2**(16 - 40) / W per round, plus float32 rounding of the state
-    _assert_close_to_oracle(decrypted, expected, 2 * result.error_bound)
-    assert ServerSecureAggregation.federated_metrics({}) == {}
 
 
 @pytest.mark.slow
 def test_ckks_run_resumes_from_its_encrypted_checkpoint(
     config: Callable[..., dict[str, Any]], fake_grid: Callable[..., Any], fedavg_oracle: Callable[..., Any]
 ) -> None:
-    from fedmpt.apps.secure_aggregation import CKKS_AGGREGATE_ARRAY, CKKS_BINDING_ARRAY
-    from secagg import ckks
-
     cfg = config(**{"secure-aggregation": "ckks", "num-server-rounds": 2})
     # calls: query, then (train, evaluate) per round; call 4 is round 2's train
     with pytest.raises(RuntimeError, match="simulated server crash"):
@@ -417,15 +440,11 @@ def test_ckks_run_resumes_from_its_encrypted_checkpoint(
     resumed_cfg = {**cfg, "resume": True}
     run = run_federation(fake_grid(build_client_app(), NODES, run_config=resumed_cfg), read_app_config(resumed_cfg))
     assert [x["round"] for x in _lines(run.path)] == [1, 2]
-    final = load_file(str(run.path / "final.safetensors"))
-    context, ckks_config, key_id = ckks.load_kit(run.path / "secagg" / "ckks" / "client")
-    binding = final[CKKS_BINDING_ARRAY].tobytes()
-    assert int.from_bytes(binding[16:], "little") == 2
-    result = ckks.decrypt_aggregate(
-        context, ckks_config, final[CKKS_AGGREGATE_ARRAY].tobytes(), run_id=binding[:16], round_number=2, key_id=key_id
-    )
-    expected = fedavg_oracle(cfg, [0, 1, 2], 3, rounds=2)
-    _assert_close_to_oracle(unflatten(result.mean, expected), expected, 2 * result.error_bound)
+    round1 = _decrypt_final(run.path, load_file(str(run.path / "checkpoints" / "round_0001.safetensors")), 1)
+    state1 = unflatten(round1.mean, task.initial_arrays(read_app_config(cfg).task, 11))
+    result = _decrypt_final(run.path, load_file(str(run.path / "final.safetensors")), 2)
+    expected = fedavg_oracle(cfg, [0, 1, 2], 3, rounds=1, start=state1, first_round=2)
+    _assert_close_to_oracle(unflatten(result.mean, expected), expected, result.error_bound)
 
 
 def test_stages_after_training_use_the_stored_setup_and_never_import_the_task(
@@ -433,16 +452,16 @@ def test_stages_after_training_use_the_stored_setup_and_never_import_the_task(
 ) -> None:
     """share-keys, masked-input and unmask run from the setup kept at advertise: the full setup (which reads the
     task and its data, and imports torch) is built once per client and round, at advertise only."""
-    import fedmpt.apps.secure_aggregation as sa
+    import fedmpt.apps.masking_app as sa
 
     full_setups: list[Any] = []
-    original = sa._client_setup
+    original = sa.client_setup
 
     def counting(context: Any, overrides: Any) -> Any:
         full_setups.append(context.node_config["partition-id"])
         return original(context, overrides)
 
-    monkeypatch.setattr(sa, "_client_setup", counting)
+    monkeypatch.setattr(sa, "client_setup", counting)
     cfg = config()
     run = run_federation(fake_grid(build_client_app(), NODES, run_config=cfg), read_app_config(cfg))
     (line,) = _lines(run.path)
