@@ -21,11 +21,20 @@ Epsilon fields are cumulative for the node (over all its entries, including this
 steps)`` history. The server collects the nodes' entries into one run ledger with :func:`merge_node_entries`;
 chains of different nodes interleave there and each stays verifiable on its own.
 
+Identity and trust: a node's entries are signed by its provisioned Ed25519 identity
+(:class:`secagg.keys.Identity`, the same key that signs its secure-aggregation messages), and every verifier
+pins each chain to the provisioned roster (:class:`secagg.keys.Roster`, a kit's ``masking/roster.bin``). The
+roster keys nodes by partition id k; a ledger names node k ``str(k)`` (:func:`ledger_node_id`,
+:func:`roster_partition`). There is no trust on first use: :func:`verify_ledger` and
+:func:`merge_node_entries` take the roster as a required argument, and a node id outside it, or an entry signed
+by any key other than its roster key, fails.
+
 Threat model: signatures stop anyone without a node's private key (the server included) from forging, editing,
-dropping (except at the tail), reordering or re-signing that node's entries, *provided the verifier pins the
-node's public key* (``trusted_keys``, e.g. a roster distributed out of band). Without a roster only
-self-consistency is checked (the first entry's key is pinned for the rest of the chain). A node holding its
-own key can truncate or rewrite its own history; the server's copy of the chain detects that after the fact.
+dropping (except at the tail), reordering or re-signing that node's entries, *provided the roster reached the
+verifier over a channel the server does not control* and the private keys stayed on their nodes. In a
+simulation with a per-run kit one process generates and holds every key, so the signatures prove nothing about
+who ran each step (the audit report says so). A node holding its own key can truncate or rewrite its own
+history; the server's copy of the chain detects that after the fact.
 """
 
 from __future__ import annotations
@@ -39,7 +48,6 @@ import logging
 import math
 import os
 import re
-import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -48,8 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from privacy.accounting import (
     AccountantKind,
@@ -62,6 +69,7 @@ from privacy.accounting import (
     validate_steps,
 )
 from privacy.errors import IdentityError, LedgerError, PrivacyParameterError
+from secagg.keys import Identity, Roster, check_node_id, public_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +93,7 @@ _ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX128 = re.compile(r"[0-9a-f]{128}")
 _KEY_ID = re.compile(r"ed25519:[0-9a-f]{32}")
+_DECIMAL = re.compile(r"0|[1-9][0-9]{0,19}")
 
 
 class TransportProtection(StrEnum):
@@ -234,14 +243,14 @@ class LedgerEntry:
         """The DP-SGD event this entry records."""
         return DpSgdEvent(self.noise_multiplier, self.sample_rate, self.steps)
 
-    def verify_signature(self, public_key: Ed25519PublicKey | None = None) -> bool:
-        """True if ``signature`` is a valid Ed25519 signature of :meth:`signed_bytes`.
+    def verify_signature(self, public_key: Ed25519PublicKey) -> bool:
+        """True if ``signature`` is a valid Ed25519 signature of :meth:`signed_bytes` by ``public_key``.
 
-        Uses ``public_key`` if given (a pinned/trusted key), else the key embedded in the entry.
+        The key is the verifier's (the roster key of the node, or the signer's own key): the ``public_key``
+        field of an entry is only a label and never trusted on its own.
         """
-        key = public_key if public_key is not None else public_key_from_hex(self.public_key)
         try:
-            key.verify(bytes.fromhex(self.signature), self.signed_bytes())
+            public_key.verify(bytes.fromhex(self.signature), self.signed_bytes())
         except (InvalidSignature, ValueError):
             return False
         return True
@@ -347,15 +356,15 @@ def _refuse_constant(name: str) -> float:
 # Keys
 
 
-def key_id_of(public_key: Ed25519PublicKey) -> str:
+def key_id_of(public_key: Ed25519PublicKey | bytes) -> str:
     """``"ed25519:"`` + the first 16 bytes (hex) of SHA-256 over the raw 32-byte public key."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    raw = public_key if isinstance(public_key, bytes) else public_bytes(public_key)
     return "ed25519:" + hashlib.sha256(raw).hexdigest()[:32]
 
 
 def public_key_to_hex(public_key: Ed25519PublicKey) -> str:
     """Raw 32-byte Ed25519 public key as lower-case hex (the ledger's ``public_key`` field)."""
-    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+    return public_bytes(public_key).hex()
 
 
 def public_key_from_hex(text: str) -> Ed25519PublicKey:
@@ -367,130 +376,44 @@ def public_key_from_hex(text: str) -> Ed25519PublicKey:
         raise IdentityError(f"not a raw Ed25519 public key in hex: {text!r}") from err
 
 
-def load_roster(path: str | os.PathLike[str]) -> dict[str, Ed25519PublicKey]:
-    """Load a key roster: a JSON object mapping node id to its public key (64 hex chars, or a PEM string).
+def ledger_node_id(partition_id: int) -> str:
+    """The ledger ``node_id`` of roster node ``partition_id``: its decimal string, ``str(k)``.
 
-    The roster is the verifier's trust anchor; it must come from a channel the server does not control.
+    The roster (:class:`secagg.keys.Roster`) keys nodes by partition id k, an unsigned 64-bit integer; ledger
+    entries name node k ``"k"`` (no sign, no leading zeros). :func:`roster_partition` is the inverse.
     """
-    roster_path = Path(path)
+    check_node_id(partition_id)
+    return str(partition_id)
+
+
+def roster_partition(node_id: str) -> int | None:
+    """The roster node id (partition id) a ledger ``node_id`` names, or None if it names none.
+
+    Only the canonical decimal form maps (``"7"``, not ``"07"``, ``"+7"`` or ``"node-7"``), so every roster node
+    has exactly one ledger chain.
+    """
+    if _DECIMAL.fullmatch(node_id) is None:
+        return None
+    partition_id = int(node_id)
     try:
-        data = json.loads(roster_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise IdentityError(f"key roster {roster_path} does not exist") from None
-    except (OSError, ValueError) as err:
-        raise IdentityError(f"key roster {roster_path} is not readable JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise IdentityError(f"key roster {roster_path} must be a JSON object {{node_id: public_key}}")
-    roster = {}
-    for node_id, text in data.items():
-        if not isinstance(text, str):
-            raise IdentityError(f"key roster {roster_path}: key of node {node_id!r} must be a string")
-        if text.lstrip().startswith("-----BEGIN"):
-            try:
-                key = serialization.load_pem_public_key(text.encode("ascii"))
-            except ValueError as err:
-                raise IdentityError(f"key roster {roster_path}: bad PEM key for node {node_id!r}") from err
-            if not isinstance(key, Ed25519PublicKey):
-                raise IdentityError(f"key roster {roster_path}: key of node {node_id!r} is not Ed25519")
-            roster[node_id] = key
-        else:
-            try:
-                roster[node_id] = public_key_from_hex(text)
-            except IdentityError:
-                raise IdentityError(
-                    f"key roster {roster_path}: key of node {node_id!r} is neither 64 hex chars nor PEM"
-                ) from None
-    return roster
+        check_node_id(partition_id)
+    except ValueError:
+        return None
+    return partition_id
 
 
-class NodeIdentity:
-    """A node's Ed25519 signing key (private key stays in memory and in a 0600 PEM file only).
+NO_ROSTER = (
+    "verifying ledger signatures needs the provisioned roster (secagg.keys.Roster: partition id -> Ed25519 "
+    "identity key, a kit's masking/roster.bin); the keys embedded in the entries are never trusted on their own"
+)
 
-    Keys come from ``cryptography`` (OS CSPRNG). ``repr`` shows the key id, never key material.
-    """
 
-    def __init__(self, private_key: Ed25519PrivateKey) -> None:
-        if not isinstance(private_key, Ed25519PrivateKey):
-            raise IdentityError(f"private_key must be an Ed25519PrivateKey, got {type(private_key).__name__}")
-        self._private_key = private_key
-        self._public_key = private_key.public_key()
-
-    @classmethod
-    def generate(cls) -> NodeIdentity:
-        """A fresh key pair from the operating system's CSPRNG."""
-        return cls(Ed25519PrivateKey.generate())
-
-    @property
-    def public_key(self) -> Ed25519PublicKey:
-        """The public key (safe to publish)."""
-        return self._public_key
-
-    @property
-    def public_key_hex(self) -> str:
-        """Raw public key as hex: what goes into a key roster and into each entry's ``public_key``."""
-        return public_key_to_hex(self._public_key)
-
-    @property
-    def key_id(self) -> str:
-        """Short, stable key id (see :func:`key_id_of`)."""
-        return key_id_of(self._public_key)
-
-    def sign(self, message: bytes) -> bytes:
-        """Ed25519 signature of ``message``."""
-        return self._private_key.sign(message)
-
-    def save(self, path: str | os.PathLike[str], password: bytes | None = None) -> None:
-        """Write the private key as PKCS#8 PEM to a new file with mode 0600; never overwrites.
-
-        ``password`` encrypts the PEM (best available encryption) when given.
-        """
-        key_path = Path(path)
-        encryption: serialization.KeySerializationEncryption = (
-            serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
-        )
-        pem = self._private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
-        try:
-            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise IdentityError(f"refusing to overwrite existing key file {key_path}") from None
-        except OSError as err:
-            raise IdentityError(f"cannot create key file {key_path}: {err}") from err
-        try:
-            os.fchmod(fd, 0o600)
-            _write_all(fd, pem)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], password: bytes | None = None) -> NodeIdentity:
-        """Read a PEM private key written by :meth:`save`.
-
-        Refuses (:class:`IdentityError`) a file readable or writable by group/others, as ssh does.
-        """
-        key_path = Path(path)
-        try:
-            mode = key_path.stat().st_mode
-            pem = key_path.read_bytes()
-        except FileNotFoundError:
-            raise IdentityError(f"key file {key_path} does not exist") from None
-        except OSError as err:
-            raise IdentityError(f"cannot read key file {key_path}: {err}") from err
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise IdentityError(
-                f"key file {key_path} has mode {stat.S_IMODE(mode):o}; it must not be accessible by group or "
-                "others (chmod 600)"
-            )
-        try:
-            key = serialization.load_pem_private_key(pem, password=password)
-        except (ValueError, TypeError) as err:
-            raise IdentityError(f"key file {key_path} is not a readable PEM private key: {err}") from err
-        if not isinstance(key, Ed25519PrivateKey):
-            raise IdentityError(f"key file {key_path} does not hold an Ed25519 key")
-        return cls(key)
-
-    def __repr__(self) -> str:
-        return f"NodeIdentity(key_id={self.key_id!r})"
+def roster_keys(roster: Roster) -> dict[str, Ed25519PublicKey]:
+    """``{ledger node id: roster public key}`` for every node of ``roster``; raises :class:`IdentityError` when
+    ``roster`` is not a :class:`secagg.keys.Roster` (e.g. None: there is no verification without one)."""
+    if not isinstance(roster, Roster):
+        raise IdentityError(f"{NO_ROSTER}; got {type(roster).__name__}")
+    return {ledger_node_id(k): roster[k] for k in roster}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -567,24 +490,29 @@ def _utc_timestamp() -> str:
 
 
 class Ledger:
-    """A node's append-only epsilon ledger file, written and signed with the node's :class:`NodeIdentity`.
+    """A node's append-only epsilon ledger file, signed with the node's provisioned identity.
 
-    Opening reads the file and checks its chain (signatures with this identity, ``seq``, ``prev_hash``);
-    a corrupt or foreign file, or a torn last line, raises :class:`LedgerError` and is never repaired
-    automatically. :meth:`append` only ever adds bytes at the end and fsyncs before returning.
+    ``identity`` is node k's :class:`secagg.keys.Identity` (``Kit.identity(k)``, the key that also signs its
+    secure-aggregation messages); every entry records ``node_id = ledger_node_id(k)`` and a release for any other
+    node id is refused. Opening reads the file and checks its chain (signatures with this identity, node id,
+    ``seq``, ``prev_hash``); a corrupt or foreign file, or a torn last line, raises :class:`LedgerError` and is
+    never repaired automatically. :meth:`append` only ever adds bytes at the end and fsyncs before returning.
     """
 
     def __init__(
         self,
         path: str | os.PathLike[str],
-        identity: NodeIdentity,
+        identity: Identity,
         *,
         pld_value_discretization: float = LEDGER_PLD_DISCRETIZATION,
     ) -> None:
-        if not isinstance(identity, NodeIdentity):
-            raise IdentityError(f"identity must be a NodeIdentity, got {type(identity).__name__}")
+        if not isinstance(identity, Identity):
+            raise IdentityError(f"identity must be a secagg.keys.Identity, got {type(identity).__name__}")
         self._path = Path(path)
         self._identity = identity
+        self._node_id = ledger_node_id(identity.node_id)
+        self._public_hex = identity.public.hex()
+        self._key_id = key_id_of(identity.public)
         self._pld_interval = validate_epsilon(pld_value_discretization, name="pld_value_discretization")
         self._entries: list[LedgerEntry] = []
         self._size = 0
@@ -598,27 +526,33 @@ class Ledger:
                 f"ledger {self._path}: line {len(lines)} is truncated (no final newline; interrupted write?)"
             )
         prev_hash = GENESIS_HASH
+        public_key = self._identity.private.public_key()
         for number, line in enumerate(lines, start=1):
             try:
                 entry = LedgerEntry.from_line(line)
             except LedgerError as err:
                 raise LedgerError(f"ledger {self._path}, line {number}: {err}") from None
             problem = None
-            if entry.public_key != self._identity.public_key_hex:
-                problem = f"signed by {entry.key_id}, not by this node's key {self._identity.key_id}"
-            elif not entry.verify_signature(self._identity.public_key):
+            if entry.public_key != self._public_hex:
+                problem = f"signed by {entry.key_id}, not by this node's key {self._key_id}"
+            elif not entry.verify_signature(public_key):
                 problem = "bad signature"
+            elif entry.node_id != self._node_id:
+                problem = f"node_id {entry.node_id!r} is not this ledger's node {self._node_id!r}"
             elif entry.seq != number - 1:
                 problem = f"seq {entry.seq}, expected {number - 1}"
             elif entry.prev_hash != prev_hash:
                 problem = "prev_hash does not match the previous entry"
-            elif self._entries and entry.node_id != self._entries[0].node_id:
-                problem = f"node_id {entry.node_id!r} differs from {self._entries[0].node_id!r}"
             if problem:
                 raise LedgerError(f"ledger {self._path}, line {number}: {problem}")
             self._entries.append(entry)
             prev_hash = entry.entry_hash()
         self._size = self._path.stat().st_size
+
+    @property
+    def node_id(self) -> str:
+        """The ledger node id of the signing identity, ``str(partition id)``."""
+        return self._node_id
 
     @property
     def path(self) -> Path:
@@ -641,11 +575,15 @@ class Ledger:
         return last.epsilon_pld if parse_accountant(accountant) is AccountantKind.PLD else last.epsilon_rdp
 
     def _check_compatible(self, release: Release) -> None:
+        if release.node_id != self._node_id:
+            raise LedgerError(
+                f"ledger {self._path} is signed by the identity of node {self._identity.node_id}, so its releases "
+                f"have node_id={self._node_id!r}; release has node_id={release.node_id!r}"
+            )
         if not self._entries:
             return
         last = self._entries[-1]
         for name, recorded, given in (
-            ("node_id", last.node_id, release.node_id),
             ("run_id", last.run_id, release.run_id),
             ("delta", last.delta, release.delta),
         ):
@@ -700,8 +638,8 @@ class Ledger:
             versions=_library_versions(),
             timestamp=_utc_timestamp(),
             prev_hash=previous.entry_hash() if previous else GENESIS_HASH,
-            key_id=self._identity.key_id,
-            public_key=self._identity.public_key_hex,
+            key_id=self._key_id,
+            public_key=self._public_hex,
         )
         signature = self._identity.sign(unsigned.signed_bytes()).hex()
         entry = LedgerEntry(**{**unsigned.payload(), "signature": signature})
@@ -724,12 +662,6 @@ class Ledger:
 # Run ledger (server side)
 
 
-@dataclass
-class _ChainTip:
-    public_key: str
-    hashes: list[str]  # entry hash by seq
-
-
 def _parse_entry(entry: LedgerEntry | bytes | str) -> LedgerEntry:
     if isinstance(entry, LedgerEntry):
         return LedgerEntry.from_line(entry.canonical_bytes())
@@ -743,20 +675,23 @@ def _parse_entry(entry: LedgerEntry | bytes | str) -> LedgerEntry:
 def merge_node_entries(
     run_ledger_path: str | os.PathLike[str],
     entries: Iterable[LedgerEntry | bytes | str],
-    trusted_keys: Mapping[str, Ed25519PublicKey] | None = None,
+    roster: Roster,
 ) -> int:
     """Append nodes' signed entries to the run ledger (e.g. ``<run_dir>/epsilon_ledger.jsonl``).
 
     Entries arrive as :class:`LedgerEntry` objects or as their canonical line bytes (never pickled). Each one
-    must carry a valid signature (by the roster key when ``trusted_keys`` is given, else by the key pinned at
-    the node's first entry) and extend its node's chain: ``seq`` = last + 1 with a matching ``prev_hash``.
-    Entries already present byte-for-byte are skipped, so a node may resend its whole ledger each round. A
-    conflicting entry for an existing ``seq`` (a fork) or a gap raises :class:`LedgerError` and nothing is
-    written. Epsilon values are not replayed here (that is :func:`verify_ledger`'s job). Returns the number
-    of entries appended.
+    must name a node of ``roster`` (:func:`roster_partition`), carry that node's roster key and a valid
+    signature by it, and extend its node's chain: ``seq`` = last + 1 with a matching ``prev_hash``. Entries
+    already present byte-for-byte are skipped, so a node may resend its whole ledger each round. A conflicting
+    entry for an existing ``seq`` (a fork), a gap, a key outside the roster, or a run ledger already holding
+    entries by keys outside it (one merged under another kit) raises :class:`LedgerError` and nothing is
+    written. Epsilon values are not replayed here (that is :func:`verify_ledger`'s job). Returns the number of
+    entries appended.
     """
+    keys = roster_keys(roster)
+    trusted_hex = {node: public_key_to_hex(key) for node, key in keys.items()}
     path = Path(run_ledger_path)
-    tips: dict[str, _ChainTip] = {}
+    chains: dict[str, list[str]] = {}  # node id -> entry hash by seq
     size = 0
     if path.exists():
         lines, complete = _read_lines(path)
@@ -767,40 +702,37 @@ def merge_node_entries(
                 existing = LedgerEntry.from_line(line)
             except LedgerError as err:
                 raise LedgerError(f"run ledger {path}, line {number}: {err}") from None
-            existing_tip = tips.setdefault(existing.node_id, _ChainTip(existing.public_key, []))
-            existing_tip.hashes.append(existing.entry_hash())
+            if existing.public_key != trusted_hex.get(existing.node_id):
+                raise LedgerError(
+                    f"run ledger {path}, line {number}: node {existing.node_id!r} is signed by {existing.key_id}, "
+                    "which is not its roster key (a run ledger merged under another kit?)"
+                )
+            chains.setdefault(existing.node_id, []).append(existing.entry_hash())
         size = path.stat().st_size
 
     new_lines: list[bytes] = []
     for raw in entries:
         entry = _parse_entry(raw)
         where = f"entry seq {entry.seq} of node {entry.node_id!r}"
-        pinned = trusted_keys.get(entry.node_id) if trusted_keys is not None else None
-        if trusted_keys is not None and pinned is None:
+        pinned = keys.get(entry.node_id)
+        if pinned is None:
             raise LedgerError(f"{where}: node is not in the key roster")
-        tip = tips.get(entry.node_id)
-        if pinned is not None and entry.public_key != public_key_to_hex(pinned):
+        if entry.public_key != trusted_hex[entry.node_id]:
             raise LedgerError(f"{where}: signed by {entry.key_id}, not by the roster key")
-        if tip is not None and entry.public_key != tip.public_key:
-            raise LedgerError(f"{where}: signed by {entry.key_id}, not by the key of the node's earlier entries")
-        if entry.key_id != key_id_of(public_key_from_hex(entry.public_key)):
+        if entry.key_id != key_id_of(pinned):
             raise LedgerError(f"{where}: key_id does not match public_key")
-        if not entry.verify_signature():
+        if not entry.verify_signature(pinned):
             raise LedgerError(f"{where}: bad signature")
-        known = len(tip.hashes) if tip else 0
-        if tip is not None and entry.seq < known:
-            if tip.hashes[entry.seq] != entry.entry_hash():
+        hashes = chains.setdefault(entry.node_id, [])
+        if entry.seq < len(hashes):
+            if hashes[entry.seq] != entry.entry_hash():
                 raise LedgerError(f"{where}: conflicts with the entry already recorded at that seq (fork)")
             continue
-        if entry.seq != known:
-            raise LedgerError(f"{where}: expected seq {known} next (entries missing in between)")
-        expected_prev = tip.hashes[-1] if tip and tip.hashes else GENESIS_HASH
-        if entry.prev_hash != expected_prev:
+        if entry.seq != len(hashes):
+            raise LedgerError(f"{where}: expected seq {len(hashes)} next (entries missing in between)")
+        if entry.prev_hash != (hashes[-1] if hashes else GENESIS_HASH):
             raise LedgerError(f"{where}: prev_hash does not match the node's previous entry")
-        if tip is None:
-            tip = _ChainTip(entry.public_key, [])
-            tips[entry.node_id] = tip
-        tip.hashes.append(entry.entry_hash())
+        hashes.append(entry.entry_hash())
         new_lines.append(entry.canonical_bytes())
     if new_lines:
         _append_lines(path, new_lines, size)
@@ -840,7 +772,8 @@ class NodeSummary:
 
 @dataclass(frozen=True)
 class VerificationReport:
-    """Result of :func:`verify_ledger`: per-node summaries and failures ordered by line."""
+    """Result of :func:`verify_ledger`: per-node summaries, failures ordered by line, and the roster nodes
+    (ledger node ids) without any entry."""
 
     path: Path
     lines: int
@@ -861,7 +794,7 @@ class VerificationReport:
 
 @dataclass
 class _NodeState:
-    public_key: str
+    public_key: Ed25519PublicKey | None  # the roster key; None for a node outside the roster
     entries: list[LedgerEntry] = field(default_factory=list)
     prev_hash: str = GENESIS_HASH
     broken: bool = False
@@ -874,11 +807,11 @@ def _relative_error(recorded: float, recomputed: float) -> float:
 
 def _check_entry(entry: LedgerEntry, state: _NodeState, rdp_rtol: float, pld_rtol: float) -> str | None:
     """Reason why ``entry`` does not extend ``state``'s chain, or None if it does."""
-    if entry.public_key != state.public_key:
-        return f"signed by {entry.key_id}, not by the node's pinned key"
-    if entry.key_id != key_id_of(public_key_from_hex(entry.public_key)):
+    if state.public_key is None or entry.public_key != public_key_to_hex(state.public_key):
+        return f"signed by {entry.key_id}, not by the node's roster key"
+    if entry.key_id != key_id_of(state.public_key):
         return "key_id does not match public_key"
-    if not entry.verify_signature():
+    if not entry.verify_signature(state.public_key):
         return "bad signature"
     expected_seq = len(state.entries)
     if entry.seq != expected_seq:
@@ -913,28 +846,28 @@ def _check_entry(entry: LedgerEntry, state: _NodeState, rdp_rtol: float, pld_rto
 
 def verify_ledger(
     path: str | os.PathLike[str],
-    trusted_keys: Mapping[str, Ed25519PublicKey] | None = None,
+    roster: Roster,
     *,
     rdp_rtol: float = RDP_REPLAY_RTOL,
     pld_rtol: float = PLD_REPLAY_RTOL,
 ) -> VerificationReport:
-    """Verify a node ledger or a merged run ledger, node by node, and replay every epsilon.
+    """Verify a node ledger or a merged run ledger against the provisioned ``roster``; replay every epsilon.
 
-    Per node, in file order: each line is canonical JSON of a known schema; the signer is the roster key
-    (``trusted_keys``; a node missing from a given roster fails) or, without a roster, the key of the node's
-    first entry; ``key_id`` matches the key; the Ed25519 signature is valid; ``seq`` runs 0, 1, 2, ...;
-    ``prev_hash`` chains; rounds never decrease; ``run_id``, ``delta`` and the PLD discretisation are
-    constant; and ``epsilon_rdp`` / ``epsilon_pld`` equal a fresh replay of the node's recorded history up to
-    and including the entry within ``rdp_rtol`` / ``pld_rtol`` (relative). A node's checks stop at its first
-    failure. A missing file raises :class:`LedgerError`; everything else is reported, not raised.
+    Per node, in file order: each line is canonical JSON of a known schema; the node id names a roster node
+    (:func:`roster_partition`; any other node fails) and the signer is its roster key; ``key_id`` matches the
+    key; the Ed25519 signature is valid; ``seq`` runs 0, 1, 2, ...; ``prev_hash`` chains; rounds never
+    decrease; ``run_id``, ``delta`` and the PLD discretisation are constant; and ``epsilon_rdp`` /
+    ``epsilon_pld`` equal a fresh replay of the node's recorded history up to and including the entry within
+    ``rdp_rtol`` / ``pld_rtol`` (relative). A node's checks stop at its first failure. There is no
+    verification without a roster: anything else than a :class:`secagg.keys.Roster` raises
+    :class:`IdentityError`, as does a missing file (:class:`LedgerError`); everything else is reported, not
+    raised.
     """
+    keys = roster_keys(roster)
     ledger_path = Path(path)
     lines, complete = _read_lines(ledger_path)
     failures: list[VerificationFailure] = []
     states: dict[str, _NodeState] = {}
-    trusted_hex = (
-        {node: public_key_to_hex(key) for node, key in trusted_keys.items()} if trusted_keys is not None else None
-    )
     for number, line in enumerate(lines, start=1):
         if number == len(lines) and not complete:
             failures.append(VerificationFailure(number, None, "truncated last line (no final newline)"))
@@ -946,12 +879,10 @@ def verify_ledger(
             continue
         state = states.get(entry.node_id)
         if state is None:
-            if trusted_hex is not None and entry.node_id not in trusted_hex:
+            state = states[entry.node_id] = _NodeState(public_key=keys.get(entry.node_id))
+            if state.public_key is None:
                 failures.append(VerificationFailure(number, entry.node_id, "node is not in the key roster"))
-                states[entry.node_id] = _NodeState(public_key="", broken=True)
-                continue
-            pinned = trusted_hex[entry.node_id] if trusted_hex is not None else entry.public_key
-            state = states[entry.node_id] = _NodeState(public_key=pinned)
+                state.broken = True
         if state.broken:
             continue
         reason = _check_entry(entry, state, rdp_rtol, pld_rtol)
@@ -977,28 +908,23 @@ def verify_ledger(
             key_id=last.key_id,
             verified=not state.broken,
         )
-    missing = tuple(sorted(set(trusted_hex) - set(states))) if trusted_hex is not None else ()
+    missing = tuple(str(k) for k in sorted(roster) if ledger_node_id(k) not in states)
     failures.sort(key=lambda f: f.line)
     return VerificationReport(
         path=ledger_path, lines=len(lines), nodes=nodes, failures=tuple(failures), missing_nodes=missing
     )
 
 
-def roster_json(identities: Mapping[str, NodeIdentity]) -> str:
-    """A key roster (JSON text) for ``{node_id: identity}``: what :func:`load_roster` reads."""
-    return json.dumps({node: ident.public_key_hex for node, ident in identities.items()}, indent=2, sort_keys=True)
-
-
 __all__ = [
     "GENESIS_HASH",
     "LEDGER_PLD_DISCRETIZATION",
+    "NO_ROSTER",
     "PLD_REPLAY_RTOL",
     "RDP_REPLAY_RTOL",
     "SCHEMA_VERSION",
     "SECURE_MODE_REASON",
     "Ledger",
     "LedgerEntry",
-    "NodeIdentity",
     "NodeSummary",
     "Release",
     "Sampling",
@@ -1007,10 +933,11 @@ __all__ = [
     "VerificationReport",
     "canonical_json_bytes",
     "key_id_of",
-    "load_roster",
+    "ledger_node_id",
     "merge_node_entries",
     "public_key_from_hex",
     "public_key_to_hex",
-    "roster_json",
+    "roster_keys",
+    "roster_partition",
     "verify_ledger",
 ]

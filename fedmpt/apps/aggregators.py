@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
     from fedmpt.apps.config import AppConfig, FederationConfig
+    from fedmpt.apps.kit import Kit
 
 logger = logging.getLogger("flwr.fedmpt.server")
 
@@ -68,6 +69,11 @@ class Aggregator(Protocol):
     """How one round's updates are collected and combined; the round loop never branches on the mode."""
 
     mode: Mode
+
+    @property
+    def kit(self) -> Kit | None:
+        """The provisioned identities and protocol parameters (None: plain FedAvg, which needs no kit)."""
+        ...
 
     @property
     def encrypted_model(self) -> bool:
@@ -194,6 +200,7 @@ class PlainAggregator:
 
     mode = Mode.NONE
     encrypted_model = False
+    kit: Kit | None = None
 
     def restore(self, arrays: Mapping[str, NDArray[Any]]) -> Arrays:
         return dict(arrays)

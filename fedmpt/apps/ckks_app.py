@@ -30,7 +30,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedmpt.apps.aggregators import Arrays, RoundOutcome, Status, sort_failures
-from fedmpt.apps.kit import Kit, RoundCounter, ensure_run_kit
+from fedmpt.apps.kit import CKKS_STATE_RANGE, Kit, RoundCounter, load_run_kit
 from fedmpt.apps.secagg_config import Mode, SecAggKey, Stage
 from fedmpt.apps.secure_aggregation import (
     client_setup,
@@ -56,8 +56,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("flwr.fedmpt.secagg")
 
-#: CKKS clip range of a per-run kit: CKKS encrypts weighted *states*, whose parameters must lie within it.
-CKKS_STATE_RANGE = 64.0
 #: Names under which the encrypted global state travels in an ``ArrayRecord`` (evaluate messages, checkpoints).
 CKKS_STATE_ARRAY = "secagg.ckks-signed-uploads"
 CKKS_BINDING_ARRAY = "secagg.ckks-binding"
@@ -225,7 +223,6 @@ class CkksAggregator:
     def create(cls, app_config: AppConfig, run_path: Path) -> CkksAggregator:
         """Load (or, in a simulation, provision) the kit; the server gets the key-less context only."""
         from fedmpt.apps import task
-        from fedmpt.apps.kit import RUN_KIT_DIR
         from fedmpt.apps.masking_app import check_run_against_kit
         from secagg import ckks
 
@@ -233,17 +230,14 @@ class CkksAggregator:
         fed = app_config.federation
         num_clients = app_config.task.num_clients
         max_weight = task.max_client_examples(app_config.task, fed.seed)
-        path = Path(cfg.key_dir).expanduser() if cfg.key_dir else Path(run_path) / RUN_KIT_DIR
-        if cfg.key_dir:
-            kit = Kit.load(path)
-        else:
-            kit = ensure_run_kit(
-                path,
-                num_clients,
-                threshold=cfg.threshold,
-                ckks_max_weight=max_weight,
-                ckks_state_range=CKKS_STATE_RANGE,
-            )
+        kit = load_run_kit(
+            cfg.key_dir,
+            run_path,
+            num_clients,
+            threshold=cfg.threshold,
+            ckks_max_weight=max_weight,
+            ckks_state_range=CKKS_STATE_RANGE,
+        )
         check_run_against_kit(cfg, kit)
         server_kit = kit.ckks_dir / "server"
         context, ckks_cfg, key_id = ckks.load_kit(server_kit)
@@ -254,6 +248,13 @@ class CkksAggregator:
                 f"CKKS kit {server_kit} is sized for {ckks_cfg.max_clients} clients of weight <= "
                 f"{ckks_cfg.max_weight}; the run needs {num_clients} clients of weight <= {max_weight} "
                 "(train-per-client): provision with --ckks-max-clients/--ckks-max-weight"
+            )
+        largest = max(float(np.max(np.abs(a))) for a in task.initial_arrays(app_config.task, fed.seed).values())
+        if largest > ckks_cfg.clip_range / 2:
+            raise ConfigError(
+                f"CKKS kit {server_kit} clips every state value to +-{ckks_cfg.clip_range:g}, but the initial state "
+                f"already reaches {largest:.3g}: provision with a larger --ckks-clip-range (default "
+                f"{CKKS_STATE_RANGE:g})"
             )
         per_round = max(fed.min_clients, int(fed.fraction_train * num_clients))
         if per_round < kit.params.threshold:

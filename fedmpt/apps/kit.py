@@ -49,6 +49,8 @@ MASKING_DIR = "masking"
 CKKS_DIR = "ckks"
 #: Sub-directory of the run directory holding a per-run kit when 'secagg-dir' is empty (simulation only).
 RUN_KIT_DIR = "secagg"
+#: CKKS clip range of the apps' kits: CKKS encrypts weighted *states*, whose parameters must lie within it.
+CKKS_STATE_RANGE = 64.0
 #: The protocol parameters of a kit.
 PROTOCOL_FILE = "protocol.json"
 _FORMAT = "fedmpt-secagg-kit"
@@ -206,7 +208,7 @@ def ensure_run_kit(
     threshold: int = 0,
     neighbours: int = 0,
     ckks_max_weight: int | None = None,
-    ckks_state_range: float = 64.0,
+    ckks_state_range: float = CKKS_STATE_RANGE,
 ) -> Kit:
     """Simulation only: provision a kit for partitions 0..num_clients-1 once per run (reused on resume).
 
@@ -240,6 +242,30 @@ def ensure_run_kit(
     if not (masking_dir / PROTOCOL_FILE).exists():
         write_protocol(masking_dir, new_protocol_params(num_clients, threshold, neighbours))
     return Kit.load(Path(directory))
+
+
+def load_run_kit(
+    key_dir: str,
+    run_path: Path,
+    num_clients: int,
+    *,
+    threshold: int = 0,
+    neighbours: int = 0,
+    ckks_max_weight: int | None = None,
+    ckks_state_range: float = CKKS_STATE_RANGE,
+) -> Kit:
+    """The server's kit of a run: the provisioned one at ``key_dir`` (run config 'secagg-dir'), or, when that is
+    empty, the per-run kit under ``run_path`` (provisioned on first use; simulation only)."""
+    if key_dir:
+        return Kit.load(Path(key_dir).expanduser())
+    return ensure_run_kit(
+        Path(run_path) / RUN_KIT_DIR,
+        num_clients,
+        threshold=threshold,
+        neighbours=neighbours,
+        ckks_max_weight=ckks_max_weight,
+        ckks_state_range=ckks_state_range,
+    )
 
 
 def run_kit_dir(runs_dir: str, run_name: str) -> Path:

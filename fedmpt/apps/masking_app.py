@@ -36,7 +36,7 @@ from numpy.typing import NDArray
 
 from fedmpt.apps.aggregators import Arrays, RoundOutcome, Status, sort_failures
 from fedmpt.apps.client_state import pack_client_state, unpack_client_state
-from fedmpt.apps.kit import Kit, RoundCounter, ensure_run_kit
+from fedmpt.apps.kit import Kit, RoundCounter, load_run_kit
 from fedmpt.apps.secagg_config import Mode, SecAggKey, SecureAggregationConfig, Stage, secure_aggregation_config_from
 from fedmpt.apps.secure_aggregation import (
     STATE_RECORD,
@@ -240,15 +240,10 @@ class MaskingAggregator:
         ``run_path/secagg`` (simulation only, warned). Fails before round 1 if the rounds cannot reach t or the
         ring cannot hold the roster's weights."""
         from fedmpt.apps import task
-        from fedmpt.apps.kit import RUN_KIT_DIR
 
         cfg = app_config.secure_aggregation
         num_clients = app_config.task.num_clients
-        path = Path(cfg.key_dir).expanduser() if cfg.key_dir else Path(run_path) / RUN_KIT_DIR
-        if cfg.key_dir:
-            kit = Kit.load(path)
-        else:
-            kit = ensure_run_kit(path, num_clients, threshold=cfg.threshold, neighbours=cfg.neighbours)
+        kit = load_run_kit(cfg.key_dir, run_path, num_clients, threshold=cfg.threshold, neighbours=cfg.neighbours)
         check_run_against_kit(cfg, kit)
         missing = sorted(set(range(num_clients)) - set(kit.roster))
         if missing:

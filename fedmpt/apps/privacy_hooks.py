@@ -7,9 +7,11 @@ into every round line. All privacy logic lives in :mod:`privacy` (``dpsgd``, ``a
 
 Client side, one ``train`` message (record-level (epsilon, delta)-DP of the node's data, add/remove-one):
 
-1. the node's history is loaded from its on-disk ledger ``<ledger-dir>/node-<k>/epsilon_ledger.jsonl`` (signed
-   with the node's Ed25519 key ``node-<k>/identity.pem``, 0600, created on first use) and cross-checked against
-   the copy in ``context.state`` (Flower keeps ``context.state`` per node across the rounds of a run; the
+1. the node's history is loaded from its on-disk ledger ``<ledger-dir>/node-<k>/epsilon_ledger.jsonl``, signed
+   with the node's provisioned identity ``Kit.identity(k)`` (:mod:`fedmpt.apps.kit`; the kit is found by
+   :func:`fedmpt.apps.kit.node_kit_dir`: node config ``secagg-dir``, else run config ``secagg-dir``, else the
+   simulation's per-run kit ``<runs-dir>/<run-name>/secagg``; ledger node id ``str(k)``), and cross-checked
+   against the copy in ``context.state`` (Flower keeps ``context.state`` per node across the rounds of a run; the
    ClientApp object itself is rebuilt for every message, so nothing may live in it). The ledger is
    authoritative: on disagreement the state is rebuilt from it and a warning is logged. The history is never
    reset per round;
@@ -20,14 +22,15 @@ Client side, one ``train`` message (record-level (epsilon, delta)-DP of the node
 3. DP-SGD (:func:`privacy.dpsgd.dp_client_update`), then the release is charged to the ledger (signed,
    fsynced) BEFORE the reply is built: epsilon is spent when the noisy update is computed, even if the reply
    is lost in transit;
-4. the reply carries the node's whole ledger (canonical JSON lines) and public key; the server skips lines it
-   already has, so entries whose reply was lost arrive with the next one.
+4. the reply carries the node's whole ledger (canonical JSON lines); the server skips lines it already has, so
+   entries whose reply was lost arrive with the next one.
 
-Server side: :class:`RunLedger` sees every train reply, pins each node's public key the first time it is seen
-(``<run_dir>/roster.json``, trust on first use), merges the signed entries into
-``<run_dir>/epsilon_ledger.jsonl`` with :func:`privacy.ledger.merge_node_entries` (a bad signature, fork or gap
-turns the reply into an error: the update is not aggregated), and replays each node's recorded history to
-report cumulative epsilon per client (and the maximum) in ``metrics.jsonl``.
+Server side: :class:`RunLedger` sees every train reply and merges the signed entries into
+``<run_dir>/epsilon_ledger.jsonl`` with :func:`privacy.ledger.merge_node_entries`, pinned to the kit's roster
+that the caller passes in (never a key the server learnt from a reply: a node id outside the roster, a key other
+than its roster key, a bad signature, a fork or a gap turns the reply into an error, and the update is not
+aggregated), and replays each node's recorded history to report cumulative epsilon per client (and the
+maximum) in ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from numpy.typing import NDArray
 
 from fedmpt.apps import task
 from fedmpt.apps.grid import GridProxy
+from fedmpt.apps.kit import Kit, node_kit_dir
 from fedmpt.apps.run_config import from_run_config, run_config_defaults
 from fedmpt.errors import ConfigError
 from privacy.accounting import AccountantKind, DpSgdEvent, PrivacyAccountant, epsilon_pld, epsilon_rdp
@@ -57,12 +61,13 @@ from privacy.errors import BudgetExhausted, LedgerError, PrivacyError
 from privacy.ledger import (
     Ledger,
     LedgerEntry,
-    NodeIdentity,
     Release,
     TransportProtection,
     merge_node_entries,
-    public_key_from_hex,
+    public_key_to_hex,
+    roster_keys,
 )
+from secagg.keys import Identity, Roster
 
 logger = logging.getLogger("flwr.fedmpt.privacy")
 
@@ -78,7 +83,6 @@ class PrivacyKey(StrEnum):
 
     STATUS = "status"
     NODE_ID = "node-id"
-    PUBLIC_KEY = "public-key"
     ENTRIES = "ledger-entries"
     EPSILON_RDP = "epsilon-rdp"
     REQUESTED_EPSILON = "requested-epsilon"
@@ -97,7 +101,6 @@ class RunLedgerFile(StrEnum):
     """Files of the run directory written by the server's :class:`RunLedger` (read by ``fedmpt report``)."""
 
     LEDGER = "epsilon_ledger.jsonl"
-    ROSTER = "roster.json"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -191,22 +194,9 @@ def transport_protection(run_config: Mapping[str, Any]) -> TransportProtection:
 # Client side
 
 
-@dataclass(frozen=True)
-class NodePaths:
-    """Where a node keeps its privacy state: its key and its ledger."""
-
-    identity: Path
-    ledger: Path
-
-
-def node_paths(ledger_root: Path, partition_id: int, node_config: Mapping[str, Any]) -> NodePaths:
-    """``<ledger_root>/node-<k>/{identity.pem, epsilon_ledger.jsonl}``; node config ``identity-key`` wins."""
-    folder = ledger_root / f"node-{partition_id}"
-    provisioned = node_config.get("identity-key")
-    if provisioned is not None and (not isinstance(provisioned, str) or not provisioned):
-        raise ConfigError(f"node config 'identity-key' must be a path to a PEM key, got {provisioned!r}")
-    identity = Path(provisioned).expanduser() if provisioned else folder / "identity.pem"
-    return NodePaths(identity=identity, ledger=folder / RunLedgerFile.LEDGER.value)
+def node_ledger_path(ledger_root: Path, partition_id: int) -> Path:
+    """``<ledger_root>/node-<k>/epsilon_ledger.jsonl``: node k's own ledger."""
+    return ledger_root / f"node-{partition_id}" / RunLedgerFile.LEDGER.value
 
 
 def ledger_root(privacy: PrivacyRunConfig, runs_dir: Path, run_name: str, flower_run_id: int) -> Path:
@@ -216,15 +206,24 @@ def ledger_root(privacy: PrivacyRunConfig, runs_dir: Path, run_name: str, flower
     return runs_dir / (run_name or f"flower-run-{flower_run_id}") / "nodes"
 
 
-def load_identity(path: Path, *, provisioned: bool) -> NodeIdentity:
-    """Load the node key at ``path``, or (not provisioned) create it there on first use with mode 0600."""
-    if path.exists() or provisioned:
-        return NodeIdentity.load(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    identity = NodeIdentity.generate()
-    identity.save(path)
-    logger.info("created node key %s (%s)", path, identity.key_id)
-    return identity
+def node_identity(
+    node_config: Mapping[str, Any], run_config: Mapping[str, Any], runs_dir: Path, run_name: str, partition_id: int
+) -> Identity:
+    """Node k's ledger signing key: ``Kit.identity(k)`` of the kit at :func:`fedmpt.apps.kit.node_kit_dir`.
+
+    One identity per site: the key that signs the node's secure-aggregation messages also signs its ledger, and
+    the server and every verifier pin it to the kit's roster. Nothing is created here: a node without a
+    provisioned (or, in the simulation, per-run) kit refuses to train.
+    """
+    if "identity-key" in node_config:
+        raise ConfigError(
+            "node config 'identity-key' is no longer read: the epsilon ledger is signed with the node's kit "
+            "identity (masking/identity_<k>.key under the node config 'secagg-dir'); remove 'identity-key'"
+        )
+    key_dir = run_config.get("secagg-dir", "")
+    if not isinstance(key_dir, str):
+        raise ConfigError(f"run config 'secagg-dir' must be a path string, got {key_dir!r}")
+    return Kit.load(node_kit_dir(node_config, key_dir, str(runs_dir), run_name)).identity(partition_id)
 
 
 def node_budget(privacy: PrivacyRunConfig, node_config: Mapping[str, Any]) -> PrivacyBudget | None:
@@ -304,12 +303,12 @@ def private_update(
     Order (see :mod:`privacy.budget`): check the planned release, train, record (fsync), and only then return
     what may leave the node. Raises :class:`~privacy.errors.PrivacyParameterError` for ``delta >= 1/n_k``.
     """
-    paths = node_paths(ledger_root(privacy, runs_dir, run_name, context.run_id), partition_id, context.node_config)
-    identity = load_identity(paths.identity, provisioned="identity-key" in context.node_config)
-    paths.ledger.parent.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(paths.ledger, identity)
+    identity = node_identity(context.node_config, run_config, runs_dir, run_name, partition_id)
+    path = node_ledger_path(ledger_root(privacy, runs_dir, run_name, context.run_id), partition_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(path, identity)
     accountant = restore_accountant(context.state, ledger)
-    node_id = str(partition_id)
+    node_id = ledger.node_id
     dp_config = privacy.dp_config(num_rounds)
     train_config = task.train_config(task_config, task.client_seed(run_seed, server_round, partition_id))
     plan = plan_release(len(data.train), train_config, dp_config)
@@ -329,7 +328,6 @@ def private_update(
             {
                 PrivacyKey.STATUS: status.value,
                 PrivacyKey.NODE_ID: node_id,
-                PrivacyKey.PUBLIC_KEY: identity.public_key_hex,
                 PrivacyKey.ENTRIES: [e.canonical_bytes().decode("utf-8") for e in ledger.entries()],
                 PrivacyKey.EPSILON_RDP: ledger.epsilon(AccountantKind.RDP),
                 **extra,
@@ -388,50 +386,45 @@ def refusal_reason(reply: Message) -> str | None:
 
 
 class RunLedger:
-    """The server's run ledger: collects, verifies and merges the nodes' signed entries; replays epsilon."""
+    """The server's run ledger: collects, verifies and merges the nodes' signed entries; replays epsilon.
 
-    def __init__(self, run_dir: Path, privacy: PrivacyRunConfig) -> None:
+    ``roster`` is the kit's roster (``Kit.roster``: the provisioned one in a deployment, the per-run kit's in the
+    simulation). It is the only trust anchor: node k's entries must be signed by ``roster[k]``, so a reply signed
+    by any other key is refused, and nothing the server learns from replies is ever pinned or written.
+    """
+
+    def __init__(self, run_dir: Path, privacy: PrivacyRunConfig, roster: Roster) -> None:
         self.privacy = privacy
+        self.roster = roster
+        self._keys = roster_keys(roster)  # ledger node id -> roster key; refuses anything but a Roster
         self.path = run_dir / RunLedgerFile.LEDGER.value
-        self.roster_path = run_dir / RunLedgerFile.ROSTER.value
-        self.roster: dict[str, str] = {}
-        if self.roster_path.exists():
-            loaded = json.loads(self.roster_path.read_text(encoding="utf-8"))
-            if not isinstance(loaded, dict):
-                raise LedgerError(f"roster {self.roster_path} must be a JSON object {{node_id: public key hex}}")
-            self.roster = {str(k): str(v) for k, v in loaded.items()}
         self.entries: dict[str, list[LedgerEntry]] = {}
         if self.path.exists():
-            for line in self.path.read_bytes().splitlines():
+            for number, line in enumerate(self.path.read_bytes().splitlines(), start=1):
                 entry = LedgerEntry.from_line(line)
+                key = self._keys.get(entry.node_id)
+                if key is None or entry.public_key != public_key_to_hex(key):
+                    raise LedgerError(
+                        f"run ledger {self.path}, line {number}: node {entry.node_id!r} is signed by "
+                        f"{entry.key_id}, which is not its key in the roster given (resumed under another kit?)"
+                    )
                 self.entries.setdefault(entry.node_id, []).append(entry)
 
     def wrap(self, grid: Grid) -> Grid:
         """``grid`` with every train reply passed through :meth:`collect` first."""
         return _LedgerGrid(grid, self)
 
-    def _write_roster(self) -> None:
-        tmp = self.roster_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.roster, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        tmp.replace(self.roster_path)
-
     def collect(self, reply: Message) -> str | None:
         """Merge the signed entries of one train reply; returns why they were rejected, or None if merged."""
         if reply.has_error() or PRIVACY_RECORD not in reply.content.config_records:
             return None
         record = reply.content.config_records[PRIVACY_RECORD]
-        node_id, key_hex = record.get(PrivacyKey.NODE_ID), record.get(PrivacyKey.PUBLIC_KEY)
+        node_id = record.get(PrivacyKey.NODE_ID)
         lines = record.get(PrivacyKey.ENTRIES, [])
-        if not isinstance(node_id, str) or not isinstance(key_hex, str) or not isinstance(lines, list):
-            return "privacy record without node-id, public-key or ledger-entries"
-        try:
-            public_key_from_hex(key_hex)
-        except PrivacyError as err:
-            return str(err)
-        pinned = self.roster.get(node_id)
-        if pinned is not None and pinned != key_hex:
-            return f"node {node_id!r} presented a public key different from the one pinned in {self.roster_path}"
-        trusted = {n: public_key_from_hex(k) for n, k in {**self.roster, node_id: key_hex}.items()}
+        if not isinstance(node_id, str) or not isinstance(lines, list):
+            return "privacy record without node-id or ledger-entries"
+        if node_id not in self._keys:
+            return f"node {node_id!r} is not in the provisioned roster"
         parsed: list[LedgerEntry] = []
         try:
             for line in lines:
@@ -441,13 +434,10 @@ class RunLedger:
                 if entry.node_id != node_id:
                     return f"ledger entry of node {entry.node_id!r} in the reply of node {node_id!r}"
                 parsed.append(entry)
-            merge_node_entries(self.path, parsed, trusted_keys=trusted)
+            merge_node_entries(self.path, parsed, self.roster)
         except PrivacyError as err:
             logger.error("ledger of node %s rejected: %s", node_id, err)
             return f"ledger rejected: {err}"
-        if pinned is None:
-            self.roster[node_id] = key_hex
-            self._write_roster()
         known = self.entries.setdefault(node_id, [])
         known.extend(e for e in parsed if e.seq >= len(known))
         return None

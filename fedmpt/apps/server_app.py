@@ -37,6 +37,7 @@ from fedmpt.apps import privacy_hooks, task
 from fedmpt.apps.aggregators import Status, build_aggregator, exchange, federated_metrics
 from fedmpt.apps.config import AppConfig, read_app_config
 from fedmpt.apps.grid import ResponsiveGrid
+from fedmpt.apps.kit import load_run_kit
 from fedmpt.apps.messages import Key, RecordName
 from fedmpt.errors import FederationError
 from fedmpt.partition import sample_participants
@@ -160,10 +161,15 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
         logger.info("resuming after round %d of %d", point.round, fed.num_server_rounds)
     global_test = task.load_global_test(config.task, fed.seed)
     roster = _Roster(partition_of={})
-    run_ledger = privacy_hooks.RunLedger(run.path, config.privacy) if config.privacy.dp else None
-    if run_ledger is not None:  # collects and verifies the nodes' signed epsilon ledger entries
-        grid = run_ledger.wrap(grid)
     aggregator = build_aggregator(config, run.path)  # plain, masking or CKKS: fedmpt.apps.aggregators
+    run_ledger = None
+    if config.privacy.dp:  # collects and verifies the nodes' signed epsilon ledger entries against the kit's roster
+        sa = config.secure_aggregation
+        kit = aggregator.kit or load_run_kit(
+            sa.key_dir, run.path, config.task.num_clients, threshold=sa.threshold, neighbours=sa.neighbours
+        )
+        run_ledger = privacy_hooks.RunLedger(run.path, config.privacy, kit.roster)
+        grid = run_ledger.wrap(grid)
     arrays = aggregator.restore(arrays)  # CKKS: a checkpoint holds the encrypted state
     for server_round in range(point.round + 1, fed.num_server_rounds + 1):
         started = time.monotonic()

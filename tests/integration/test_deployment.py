@@ -43,18 +43,28 @@ def _flwr_apps_in_home() -> set[str]:
 def _run_to_completion(deployment: Any, run_config: str, during: Callable[[Any, Any], None] | None = None) -> str:
     """Start ``deployment``, run the app with ``run_config``, call ``during(deployment, run)`` while it runs, and
     return the run's output once it succeeds; every process is stopped whatever happens, and none may be left."""
+    return _runs_to_completion(deployment, [run_config], during)[0]
+
+
+def _runs_to_completion(
+    deployment: Any, run_configs: list[str], during: Callable[[Any, Any], None] | None = None
+) -> list[str]:
+    """:func:`_run_to_completion` for several runs, one after the other, on one started deployment."""
+    outputs = []
     try:
         deployment.start()
-        run = deployment.start_run([run_config])
-        if during is not None:
-            during(deployment, run)
-        output, _ = run.communicate(timeout=420)
-        assert run.returncode == 0, output
+        for run_config in run_configs:
+            run = deployment.start_run([run_config])
+            if during is not None:
+                during(deployment, run)
+            output, _ = run.communicate(timeout=420)
+            assert run.returncode == 0, output
+            outputs.append(str(output))
     finally:
         deployment.stop()
         leftovers = deployment.leftover_pids()
     assert leftovers == set(), f"processes left running: {leftovers}"
-    return str(output)
+    return outputs
 
 
 @pytest.mark.timeout(600)
@@ -115,30 +125,71 @@ def test_three_supernodes_one_killed_mid_run(
         np.testing.assert_allclose(final[name], arrays[name], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.timeout(600)
-def test_masked_round_on_the_deployment_engine_matches_fedavg(
+@pytest.mark.timeout(900)
+def test_masked_and_ckks_rounds_on_the_deployment_engine_match_fedavg(
     tmp_path: Path, small_task: dict[str, Any], fedavg_oracle: Callable[..., dict[str, np.ndarray]]
 ) -> None:
-    """Secure aggregation by masking across real SuperNode processes: the node state kept between the four stages
-    survives Flower's one-process-per-message model, and the result is FedAvg within the quantization bound."""
+    """Secure aggregation across real SuperNode processes, one provisioned kit, one masked and one CKKS run on one
+    deployment: the node state kept between the five masking stages and the on-disk round counter survive Flower's
+    one-process-per-message model, and each result is FedAvg within its stated bound."""
     if shutil.which("flower-superlink", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("flower-superlink is not installed next to this interpreter")
+    from fedmpt.apps.ckks_app import CKKS_STATE_ARRAY, decode_upload_set
+    from fedmpt.apps.kit import Kit
+    from fedmpt.apps.update_vector import unflatten
+    from secagg import ckks
+
     deploy_local = _load_script("deploy_local")
-    kit, runs = tmp_path / "kit", tmp_path / "runs"
+    runs = tmp_path / "runs"
     fedmpt = Path(sys.executable).with_name("fedmpt")
-    subprocess.run([str(fedmpt), "secagg", "provision", "--out", str(kit), "--nodes", "3"], check=True)
-    overrides = {"num-server-rounds": 1, "seed": 5, "num-clients": 3, "method": "promptfl", **small_task}
-    run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()) + (
-        f' runs-dir="{runs}" run-name="sa" secure-aggregation="masking" secagg-dir="{kit}"'
+    weight = str(small_task["train-per-client"])
+    kits = {"sa": tmp_path / "kit-sa", "he": tmp_path / "kit-he"}  # a kit is one session (one pinned run id)
+    subprocess.run([str(fedmpt), "secagg", "provision", "--out", str(kits["sa"]), "--nodes", "3"], check=True)
+    subprocess.run(
+        [
+            str(fedmpt),
+            "secagg",
+            "provision",
+            "--out",
+            str(kits["he"]),
+            "--nodes",
+            "3",
+            "--ckks",
+            "--ckks-max-weight",
+            weight,
+        ],
+        check=True,
     )
-    _run_to_completion(deploy_local.LocalDeployment(tmp_path / "deploy", num_supernodes=3, app_dir=REPO), run_config)
+    overrides = {"num-server-rounds": 1, "seed": 5, "num-clients": 3, "method": "promptfl", **small_task}
+    base = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()) + f' runs-dir="{runs}"'
+    configs = [
+        f'{base} run-name="sa" secure-aggregation="masking" secagg-dir="{kits["sa"]}"',
+        f'{base} run-name="he" secure-aggregation="ckks" secagg-dir="{kits["he"]}"',
+    ]
+    _runs_to_completion(deploy_local.LocalDeployment(tmp_path / "deploy", num_supernodes=3, app_dir=REPO), configs)
+    expected = fedavg_oracle(overrides, [0, 1, 2], 3, rounds=1)
+
     (line,) = [json.loads(x) for x in (runs / "sa" / "metrics.jsonl").read_text().splitlines()]
     assert line["status"] == "ok" and line["secure_aggregation"] == "masking", line
     assert line["clients_replied"] == [0, 1, 2] and line["secagg"]["survivors"] == [0, 1, 2]
-    assert set(line["secagg"]["stage_s"]) == {"advertise", "share-keys", "masked-input", "unmask"}
-    expected = fedavg_oracle(overrides, [0, 1, 2], 3, rounds=1)
+    assert set(line["secagg"]["stage_s"]) == {"advertise", "share-keys", "masked-input", "consistency-check", "unmask"}
     final = load_file(str(runs / "sa" / "final.safetensors"))
     bound = line["secagg"]["error_bound"]
     for name in expected:
         gap = np.max(np.abs(final[name].astype(np.float64) - expected[name]))
         assert gap <= bound + 1e-6, (name, gap, bound)  # 1e-6: the float32 storage of the state
+
+    (line,) = [json.loads(x) for x in (runs / "he" / "metrics.jsonl").read_text().splitlines()]
+    assert line["status"] == "ok" and line["secure_aggregation"] == "ckks", line
+    assert line["clients_replied"] == [0, 1, 2]
+    loaded = Kit.load(kits["he"])
+    context, config, key_id = ckks.load_kit(loaded.ckks_dir / "client")
+    state = load_file(str(runs / "he" / "final.safetensors"))
+    result = ckks.decrypt_verified(
+        context, config, decode_upload_set(state[CKKS_STATE_ARRAY].tobytes()), loaded.roster,
+        run_id=loaded.params.run_id, round_number=1, key_id=key_id, threshold=loaded.params.threshold,
+    )  # fmt: skip
+    decrypted = unflatten(result.mean, expected)
+    for name in expected:
+        gap = np.max(np.abs(decrypted[name].astype(np.float64) - expected[name]))
+        assert gap <= result.error_bound + 1e-6, (name, gap, result.error_bound)

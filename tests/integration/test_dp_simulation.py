@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
+from fedmpt.apps.kit import Kit
 from fedmpt.apps.simulation import run_local_simulation
 from privacy.accounting import DpSgdEvent
-from privacy.ledger import LedgerEntry, load_roster, verify_ledger
+from privacy.ledger import LedgerEntry, verify_ledger
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -50,7 +51,7 @@ def test_dp_simulation_then_report(tmp_path: Path, small_task: dict[str, Any]) -
             mine = [e for e in entries if e.node_id == node and e.round <= line["round"]]
             assert values["epsilon_rdp"] == pytest.approx(mine[-1].epsilon_rdp, rel=1e-9)
     assert lines[1]["epsilon"]["max_epsilon_rdp"] > lines[0]["epsilon"]["max_epsilon_rdp"] > 0
-    assert verify_ledger(path / "epsilon_ledger.jsonl", load_roster(path / "roster.json")).ok
+    assert verify_ledger(path / "epsilon_ledger.jsonl", Kit.load(path / "secagg").roster).ok  # the per-run kit
     assert main(["report", str(path)]) == 0
     report = json.loads((path / "report" / "report.json").read_text())
     assert report["ok"] is True

@@ -1,4 +1,8 @@
-"""Shared builders for the privacy tests: node identities, releases and small signed ledgers."""
+"""Shared builders for the privacy tests: kit identities and roster, releases and small signed ledgers.
+
+Nodes are roster nodes 0 and 1 (ledger node ids "0" and "1"); "mallory" is a fresh key that claims node 0 but is
+not in the roster: the attacker who re-signs node 0's chain.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ import torch
 
 from fedmpt.backbone.loader import Backbone, load_backbone
 from privacy.accounting import DpSgdEvent
-from privacy.ledger import Ledger, NodeIdentity, Release, merge_node_entries
+from privacy.ledger import Ledger, Release, merge_node_entries
+from secagg.keys import Identity, Roster
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,26 +59,35 @@ def make_release() -> ReleaseFactory:
     return _make_release
 
 
+NODES = ("0", "1")
+
+
 @pytest.fixture(scope="session")
-def identities() -> dict[str, NodeIdentity]:
-    """Two node identities and a third, unrelated key (the "attacker")."""
-    return {name: NodeIdentity.generate() for name in ("node-a", "node-b", "mallory")}
+def identities() -> dict[str, Identity]:
+    """The kit identities of roster nodes 0 and 1, and "mallory": a fresh key for node 0 outside the roster."""
+    return {"0": Identity.generate(0), "1": Identity.generate(1), "mallory": Identity.generate(0)}
+
+
+@pytest.fixture(scope="session")
+def roster(identities: dict[str, Identity]) -> Roster:
+    """The provisioned roster of nodes 0 and 1 (the trust anchor; mallory is not in it)."""
+    return Roster.from_identities([identities[node] for node in NODES])
 
 
 @pytest.fixture(scope="session")
 def run_ledger(
-    tmp_path_factory: pytest.TempPathFactory, identities: dict[str, NodeIdentity]
+    tmp_path_factory: pytest.TempPathFactory, identities: dict[str, Identity], roster: Roster
 ) -> tuple[Path, dict[str, Path]]:
     """Two nodes x two rounds, each node's own ledger plus the merged run ledger (interleaved by round)."""
     directory = tmp_path_factory.mktemp("ledgers")
-    node_paths = {node: directory / f"{node}.jsonl" for node in ("node-a", "node-b")}
+    node_paths = {node: directory / f"node-{node}.jsonl" for node in NODES}
     ledgers = {node: Ledger(path, identities[node]) for node, path in node_paths.items()}
     run_path = directory / "epsilon_ledger.jsonl"
     for round_ in (1, 2):
         round_entries = [
             ledgers[node].append(_make_release(node, round_, steps=2 + round_ + i)) for i, node in enumerate(ledgers)
         ]
-        merge_node_entries(run_path, round_entries)
+        merge_node_entries(run_path, round_entries, roster)
     return run_path, node_paths
 
 

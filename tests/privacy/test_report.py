@@ -20,19 +20,24 @@ from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 from PIL import Image as PILImage
 
+from fedmpt.apps import kit as app_kit
 from fedmpt.cli import main as cli_main
 from fedmpt.rundir import ClientFailure, RoundRecord, RunDirectory
-from privacy.accounting import DpSgdEvent
+from privacy.accounting import DpSgdEvent, epsilon_pld, epsilon_rdp
 from privacy.ledger import (
+    GENESIS_HASH,
     LEDGER_PLD_DISCRETIZATION,
     Ledger,
-    NodeIdentity,
+    LedgerEntry,
     Release,
     TransportProtection,
+    key_id_of,
     merge_node_entries,
-    roster_json,
 )
 from privacy.report import (
+    KIT_MASKING_DIR,
+    ONE_PROCESS_HELD_EVERY_KEY,
+    RUN_KIT_DIR,
     AuditReport,
     Finding,
     Paragraph,
@@ -44,6 +49,7 @@ from privacy.report import (
     render_markdown,
     write_audit_report,
 )
+from secagg.keys import Identity
 
 DELTA = 1e-5
 RUN_ID = "report-run"
@@ -131,11 +137,19 @@ def dp_accounting_pld(history: list[tuple[float, float, int]]) -> float:
     return float(accountant.get_epsilon(DELTA))
 
 
-def make_dp_run(root: Path, name: str, config: dict[str, Any], *, roster: bool = True) -> Path:
-    """A DP run directory: signed run ledger (2 nodes), roster, metrics with per-client epsilon objects."""
+def make_dp_run(root: Path, name: str, config: dict[str, Any], *, kit: str = "provisioned") -> Path:
+    """A DP run directory: run ledger (2 nodes) signed by kit identities, metrics with per-client epsilon objects.
+
+    ``kit``: "provisioned" (a kit outside the run directory, named by the run config's 'secagg-dir'), "per-run"
+    (the simulation's kit inside the run directory, every private key included) or "unnamed" (a kit outside the
+    run directory that nothing in the run names: no default roster).
+    """
+    outside = root / f"{name}-kit"
+    if kit == "provisioned":
+        config = {**config, "secagg-dir": str(outside)}
     run = RunDirectory.create(config, seed=0, root=root, name=name)
-    identities = {c: NodeIdentity.generate() for c in CLIENTS}
-    ledgers = {c: Ledger(root / f"{name}-node-{c}.jsonl", identities[c]) for c in CLIENTS}
+    provisioned = app_kit.ensure_run_kit(run.path / "secagg" if kit == "per-run" else outside, len(CLIENTS))
+    ledgers = {c: Ledger(root / f"{name}-node-{c}.jsonl", provisioned.identity(int(c))) for c in CLIENTS}
     ledger_path = run.path / "epsilon_ledger.jsonl"
     epsilons: dict[int, Any] = {}
     for round_ in range(1, ROUNDS + 1):
@@ -153,11 +167,9 @@ def make_dp_run(root: Path, name: str, config: dict[str, Any], *, roster: bool =
                 transport_protection=TransportProtection.MASKING,
             )
             entries.append(ledgers[c].append(release))
-        merge_node_entries(ledger_path, entries)
+        merge_node_entries(ledger_path, entries, provisioned.roster)
         clients = {e.node_id: {"epsilon_rdp": e.epsilon_rdp, "epsilon_pld": e.epsilon_pld} for e in entries}
         epsilons[round_] = {"delta": DELTA, "accountant": "rdp", "clients": clients}
-    if roster:
-        (run.path / "roster.json").write_text(roster_json(identities), encoding="utf-8")
     write_metrics(run, metrics_values(), epsilons)
     return run.path
 
@@ -210,7 +222,10 @@ def test_final_epsilon_per_client_equals_independent_replays(dp_report: tuple[Pa
         assert summary["clients"][client]["epsilon_rdp"] == pytest.approx(expected_rdp, rel=1e-9)
         assert summary["clients"][client]["epsilon_pld"] == pytest.approx(expected_pld, rel=1e-6)
     assert summary["max_epsilon_rdp"] == pytest.approx(max(opacus_epsilon(history_of(c)) for c in CLIENTS), rel=1e-9)
-    assert summary["ledger"]["status"] == "verified" and summary["ledger"]["roster"] is True
+    assert summary["ledger"]["status"] == "verified"
+    assert summary["ledger"]["roster"].endswith("(the kit of the run config's 'secagg-dir')")
+    assert summary["ledger"]["one_process_held_every_key"] is False and summary["ledger"]["keys_in_run_dir"] == []
+    assert "one process" not in markdown
     assert summary["ok"] is True
 
 
@@ -241,7 +256,8 @@ def test_dp_parameters_threat_model_and_limitations(dp_report: tuple[Path, str, 
     assert params["DP-SGD steps per client (total)"] == ", ".join(str(t) for t in totals)
     assert "Transport protection in force: masking" in markdown
     assert "dp-mode exact: per-sample gradients of all trainable parameters" in markdown
-    assert "honest-but-curious server" in markdown
+    flat = " ".join(markdown.split())
+    assert "a server that deviates arbitrarily" in flat and "2t &gt; m + c" in flat
     assert "secure\\_mode is unavailable on Python 3.11" in markdown
     assert "Empirical audit: not available" in markdown
 
@@ -380,13 +396,13 @@ def test_dp_run_without_ledger_is_a_failure(tmp_path: Path) -> None:
     assert any("DP run without epsilon_ledger.jsonl" in f.text for f in written.report.findings)
 
 
-def test_audit_beside_claim_over_budget_and_missing_roster(tmp_path: Path) -> None:
-    # A budget below client 0's final epsilon, an audit whose one-run bound exceeds its claim, and no roster.
+def test_audit_beside_claim_and_over_budget(tmp_path: Path) -> None:
+    # A budget below client 0's final epsilon and an audit whose one-run bound exceeds its claim.
     eps0 = opacus_epsilon(history_of("0"))
     eps1 = opacus_epsilon(history_of("1"))
     budget = (eps0 + eps1) / 2 if eps0 > eps1 else None
     assert budget is not None  # client 0 takes more steps, so it spends more
-    run_path = make_dp_run(tmp_path, "audited", dp_config(**{"max-epsilon": budget}), roster=False)
+    run_path = make_dp_run(tmp_path, "audited", dp_config(**{"max-epsilon": budget}))
     audit = {
         "canary": {"trials": 2000, "epsilon_lb": 0.8125, "claimed_epsilon": 4.25, "alpha": 0.05, "delta": 1e-5},
         "one_run": {"m": 1000, "r": 100, "v": 100, "epsilon_lb": 3.47, "claimed_epsilon": 2.5},
@@ -402,8 +418,7 @@ def test_audit_beside_claim_over_budget_and_missing_roster(tmp_path: Path) -> No
     assert any("client 0 spent epsilon" in text for text in failures)
     assert not any("client 1 spent" in text for text in failures)
     assert any("epsilon_lb 3.47 > claimed epsilon 2.5" in text for text in failures)
-    warnings = [f.text for f in written.report.findings if f.severity is Severity.WARNING]
-    assert any("self-consistency only" in text for text in warnings)
+    assert len(failures) == 2
     assert cli_main(["report", str(run_path)]) == 1
 
 
@@ -441,12 +456,15 @@ def test_dropped_ledger_tail_is_caught_by_the_rounds_the_client_replied_in(tmp_p
 
 def test_unusable_roster_fails_and_unreadable_audit_warns(tmp_path: Path) -> None:
     run_path = make_dp_run(tmp_path, "bad-roster", dp_config())
-    (run_path / "roster.json").write_text('{"0": "not a key"}', encoding="utf-8")
+    roster_path = tmp_path / "bad-roster-kit" / "masking" / "roster.bin"
+    roster_path.write_bytes(b"FMRS")  # the magic and nothing else
     (run_path / "audit.json").write_text("{truncated", encoding="utf-8")
     written = write_audit_report(run_path)
     by_severity = {s: [f.text for f in written.report.findings if f.severity is s] for s in Severity}
-    assert len(by_severity[Severity.FAILURE]) == 1
-    assert by_severity[Severity.FAILURE][0].startswith("LEDGER NOT VERIFIED: key roster")
+    assert by_severity[Severity.FAILURE] == [
+        f"LEDGER NOT VERIFIED: roster {roster_path} (the kit of the run config's 'secagg-dir') is unusable: "
+        "roster bytes: bad magic or truncated header"
+    ]
     assert any(text.startswith("empirical audit unreadable: audit.json is not readable JSON") for text in
                by_severity[Severity.WARNING])  # fmt: skip
 
@@ -459,3 +477,81 @@ def test_run_without_completed_rounds(tmp_path: Path) -> None:
     assert "| rounds completed | 0 of 3 configured |" in markdown
     assert "No completed rounds: utility not available." in markdown
     assert sorted(p.name for p in written.directory.iterdir()) == ["report.html", "report.json", "report.md"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trust: the roster comes from the kit, and a report says when one process held every key
+
+
+def test_kit_layout_names_mirror_fedmpt_apps_kit() -> None:
+    assert (RUN_KIT_DIR, KIT_MASKING_DIR) == (app_kit.RUN_KIT_DIR, app_kit.MASKING_DIR)
+
+
+def test_per_run_kit_is_named_in_the_first_lines(tmp_path: Path) -> None:
+    run_path = make_dp_run(tmp_path, "simulated", dp_config(**{"secagg-dir": ""}), kit="per-run")
+    written = write_audit_report(run_path)
+    assert written.ok  # the ledger verifies against the per-run kit's roster ...
+    first = written.report.findings[0]  # ... and the report says first what that is worth
+    assert first.severity is Severity.WARNING and first.text.startswith(ONE_PROCESS_HELD_EVERY_KEY)
+    assert str(run_path / "secagg" / "masking") in first.text and "nodes 0, 1" in first.text
+    markdown = written.markdown.read_text(encoding="utf-8")
+    assert markdown.splitlines()[4] == f"- **warning**: {markdown_escape(first.text)}"  # title, status, this
+    ledger = written.report.summary["ledger"]
+    assert ledger["status"] == "verified" and ledger["roster"].endswith("(the run's per-run kit)")
+    assert ledger["one_process_held_every_key"] is True and ledger["keys_in_run_dir"] == [0, 1]
+    assert "All node keys were generated and held by one process" in written.html.read_text(encoding="utf-8")
+
+
+def forge_chain(ledger_path: Path, node_id: str, factor: float) -> None:
+    """Re-sign node ``node_id``'s chain with a fresh key (not in the roster), ``factor`` x the noise and matching
+    epsilons: the attack on a run whose keys all sit in one place."""
+    forger = Identity.generate(int(node_id))
+    out, prev_hash, history = [], GENESIS_HASH, []
+    for line in ledger_path.read_bytes().split(b"\n")[:-1]:
+        entry = LedgerEntry.from_line(line)
+        if entry.node_id == node_id:
+            history.append(DpSgdEvent(entry.noise_multiplier * factor, entry.sample_rate, entry.steps))
+            unsigned = LedgerEntry(
+                **{
+                    **entry.payload(),
+                    "noise_multiplier": history[-1].noise_multiplier,
+                    "epsilon_rdp": epsilon_rdp(history, entry.delta),
+                    "epsilon_pld": epsilon_pld(history, entry.delta, entry.pld_value_discretization),
+                    "prev_hash": prev_hash,
+                    "key_id": key_id_of(forger.public),
+                    "public_key": forger.public.hex(),
+                }
+            )
+            entry = LedgerEntry(**{**unsigned.payload(), "signature": forger.sign(unsigned.signed_bytes()).hex()})
+            prev_hash = entry.entry_hash()
+        out.append(entry.canonical_bytes())
+    ledger_path.write_bytes(b"".join(line + b"\n" for line in out))
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")  # sigma = 44: RDP's tightest order is the top
+def test_ledger_resigned_with_40x_the_noise_fails_the_report(tmp_path: Path) -> None:
+    run_path = make_dp_run(tmp_path, "forged", dp_config())
+    forge_chain(run_path / "epsilon_ledger.jsonl", "0", 40.0)
+    written = write_audit_report(run_path)
+    assert not written.ok
+    failures = [f.text for f in written.report.findings if f.severity is Severity.FAILURE]
+    assert failures[0].startswith("LEDGER VERIFICATION FAILED at line 1 (node '0'): signed by ed25519:")
+    assert failures[0].endswith("not by the node's roster key")
+
+
+def test_without_a_roster_the_ledger_is_not_verified_and_the_option_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_path = make_dp_run(tmp_path, "no-roster", dp_config(), kit="unnamed")
+    assert cli_main(["report", str(run_path)]) == 1
+    summary = json.loads((run_path / "report" / "report.json").read_text(encoding="utf-8"))
+    assert summary["ledger"]["status"] == "error" and summary["ok"] is False
+    (failure,) = [f for f in summary["findings"] if f["severity"] == "failure"]
+    assert failure["text"].startswith("LEDGER NOT VERIFIED: no roster: the run config sets no 'secagg-dir'")
+    assert "--roster PATH" in failure["text"] and "--kit DIR" in failure["text"]
+    assert "LEDGER NOT VERIFIED" in capsys.readouterr().err
+    kit_dir = tmp_path / "no-roster-kit"
+    for option in (["--kit", str(kit_dir)], ["--roster", str(kit_dir / "masking" / "roster.bin")]):
+        assert cli_main(["report", str(run_path), *option]) == 0
+        summary = json.loads((run_path / "report" / "report.json").read_text(encoding="utf-8"))
+        assert summary["ledger"]["status"] == "verified" and summary["ledger"]["roster"].endswith("given)")

@@ -1,4 +1,4 @@
-"""Tests of ``fedmpt secagg provision`` / ``fedmpt secagg inspect`` through :func:`fedmpt.cli.main`."""
+"""Tests of ``fedmpt secagg provision`` / ``enroll`` / ``roster`` / ``inspect`` through :func:`fedmpt.cli.main`."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import tenseal as ts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedmpt.apps.kit import Kit
 from fedmpt.cli import main
 from secagg import ckks
 from secagg.keys import Roster, identity_file_name, load_identity
+from secagg.security import default_threshold
 
 
 def _mode(path: Path) -> int:
@@ -51,6 +53,11 @@ def test_masking_kit_roster_matches_identities(tmp_path: Path, capsys: pytest.Ca
         assert identity.private_bytes().hex() not in printed
         assert identity.private_bytes().hex() not in (out / "DISTRIBUTION.txt").read_text()
     assert hashlib.sha256(roster_path.read_bytes()).hexdigest() in printed
+    # protocol.json: the kit loads, with the kit's default threshold on the complete graph
+    kit = Kit.load(out)
+    assert kit.roster.to_bytes() == roster.to_bytes()
+    assert (kit.params.roster_size, kit.params.threshold, kit.params.neighbours) == (4, default_threshold(4), 0)
+    assert str(out / "masking" / "protocol.json") in printed
     assert not (out / "ckks").exists()
     # The kit directories hold secrets: nobody else may list them.
     assert _mode(out) == 0o700
@@ -125,6 +132,14 @@ def test_refuses_to_overwrite_existing_keys(tmp_path: Path, capsys: pytest.Captu
     assert _tree(out) == before
 
 
+def test_threshold_and_neighbours_reach_protocol_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "kit"
+    assert _provision(out, "--nodes", "6", "--threshold", "4", "--neighbours", "2") == 0
+    params = Kit.load(out).params
+    assert (params.roster_size, params.threshold, params.neighbours, params.neighbourhood_size) == (6, 4, 2, 2)
+    assert "threshold t = 4, SecAgg+ degree 2" in capsys.readouterr().out
+
+
 def test_refuses_when_only_one_planned_file_exists(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "kit"
     (out / "ckks" / "client").mkdir(parents=True)
@@ -134,6 +149,12 @@ def test_refuses_when_only_one_planned_file_exists(tmp_path: Path, capsys: pytes
     assert str(stale) in capsys.readouterr().err
     assert stale.read_bytes() == b"old key"
     assert not (out / "masking").exists()  # refused before writing anything
+    stale.unlink()
+    (out / "masking").mkdir()
+    (out / "masking" / "protocol.json").write_text("{}")  # a protocol of an earlier kit: also never replaced
+    assert _provision(out, "--nodes", "2") == 2
+    assert str(out / "masking" / "protocol.json") in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "masking").iterdir()) == ["protocol.json"]
 
 
 @pytest.mark.parametrize(
@@ -143,6 +164,9 @@ def test_refuses_when_only_one_planned_file_exists(tmp_path: Path, capsys: pytes
         (["--nodes", "3", "--ckks-pack", "2"], "--ckks-pack given without --ckks"),
         (["--nodes", "3", "--ckks", "--ckks-coeff-bits", "60", "60", "60", "60"], "128-bit security bound"),
         (["--nodes", "3", "--ckks", "--ckks-pack", "0"], "CkksConfig.pack must be an int >= 1, got 0"),
+        (["--nodes", "3", "--threshold", "1"], "--threshold must be 0 (the default) or an int in [2, 3]"),
+        (["--nodes", "3", "--threshold", "4"], "--threshold must be 0 (the default) or an int in [2, 3]"),
+        (["--nodes", "5", "--neighbours", "3"], "--neighbours must be 0 (the complete graph) or an even int"),
     ],
 )
 def test_bad_arguments_write_nothing(
@@ -196,3 +220,103 @@ def test_inspect_rejects_foreign_and_missing_files(tmp_path: Path, capsys: pytes
     missing = tmp_path / "missing.tenseal"
     assert main(["secagg", "inspect", str(missing)]) == 2
     assert f"cannot read {missing}" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Enrollment: each site makes its own key, the coordinator assembles the roster from public keys only
+
+
+def _enroll(out: Path, node: int) -> int:
+    return main(["secagg", "enroll", "--out", str(out), "--node", str(node)])
+
+
+def _roster(out: Path, nodes: dict[int, str], *extra: str) -> int:
+    argv = [arg for node, key in nodes.items() for arg in ("--node", f"{node}={key}")]
+    return main(["secagg", "roster", "--out", str(out), *argv, *extra])
+
+
+def _printed_key(printed: str) -> str:
+    (line,) = [x for x in printed.splitlines() if x.startswith("public key: ")]
+    return line.removeprefix("public key: ")
+
+
+def test_enroll_writes_a_0600_key_and_prints_its_public_key_never_the_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = tmp_path / "site-3"
+    assert _enroll(site, 3) == 0
+    printed = capsys.readouterr().out
+    key_file = site / "masking" / identity_file_name(3)
+    identity = load_identity(key_file, 3)
+    assert _mode(key_file) == 0o600 and _mode(site) == 0o700 and _mode(site / "masking") == 0o700
+    assert _printed_key(printed) == identity.public.hex()
+    assert f"sha256 fingerprint: {hashlib.sha256(identity.public).hexdigest()}" in printed
+    assert identity.private_bytes().hex() not in printed
+    before = key_file.read_bytes()
+    assert _enroll(site, 3) == 2  # never overwrites
+    assert "refusing to overwrite the existing identity key" in capsys.readouterr().err
+    assert key_file.read_bytes() == before
+    assert _enroll(tmp_path / "other", -1) == 2
+    assert "--node must be a partition id" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
+def test_enrolled_sites_and_the_assembled_roster_form_a_kit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    public = {}
+    for node in range(3):
+        assert _enroll(tmp_path / f"site-{node}", node) == 0
+        public[node] = _printed_key(capsys.readouterr().out)
+    coordinator = tmp_path / "coordinator"
+    assert _roster(coordinator, public, "--threshold", "3") == 0
+    printed = capsys.readouterr().out
+    roster_file = coordinator / "masking" / "roster.bin"
+    roster = Roster.from_bytes(roster_file.read_bytes())
+    assert {node: roster.to_bytes().count(bytes.fromhex(key)) for node, key in public.items()} == {0: 1, 1: 1, 2: 1}
+    assert hashlib.sha256(roster_file.read_bytes()).hexdigest() in printed
+    for key in public.values():
+        assert hashlib.sha256(bytes.fromhex(key)).hexdigest() in printed
+    assert not list(coordinator.rglob("identity_*.key"))  # the coordinator never held a private key
+    # each site copies the two public files next to its own key: its kit loads and its identity matches
+    for node in range(3):
+        site = tmp_path / f"site-{node}"
+        for name in ("roster.bin", "protocol.json"):
+            (site / "masking" / name).write_bytes((coordinator / "masking" / name).read_bytes())
+        kit = Kit.load(site)
+        assert kit.identity(node).public.hex() == public[node]
+        assert (kit.params.roster_size, kit.params.threshold) == (3, 3)
+    assert _roster(coordinator, public) == 2  # an existing roster is never replaced
+    assert "refusing to overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("nodes", "extra", "needle"),
+    [
+        ({0: "KEY0", 2: "KEY1"}, [], "--node ids must be exactly 0..1 (node id = partition-id); missing [1]"),
+        ({0: "KEY0", 1: "zz" * 32}, [], "--node 1: the public key must be 64 hex digits"),
+        ({0: "KEY0", 1: "ab" * 31}, [], "--node 1: the public key must be 64 hex digits"),
+        ({0: "KEY0", 1: "KEY0"}, [], "--node 0 and --node 1 have the same public key"),
+        ({0: "KEY0"}, [], "--node must be given for 2 to"),
+        ({0: "KEY0", 1: "KEY1"}, ["--threshold", "3"], "--threshold must be 0 (the default) or an int in [2, 2]"),
+        ({0: "KEY0", 1: "KEY1"}, ["--neighbours", "1"], "--neighbours must be 0 (the complete graph)"),
+    ],
+)
+def test_roster_rejects_bad_nodes_naming_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], nodes: dict[int, str], extra: list[str], needle: str
+) -> None:
+    keys = {"KEY0": os.urandom(32).hex(), "KEY1": os.urandom(32).hex()}
+    out = tmp_path / "coordinator"
+    assert _roster(out, {node: keys.get(key, key) for node, key in nodes.items()}, *extra) == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_roster_rejects_a_duplicate_or_malformed_node(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "coordinator"
+    key = os.urandom(32).hex()
+    other = os.urandom(32).hex()
+    argv = ["secagg", "roster", "--out", str(out), "--node", f"0={key}", "--node", f"1={other}", "--node", f"1={key}"]
+    assert main(argv) == 2
+    assert "--node 1 is given twice" in capsys.readouterr().err
+    assert main(["secagg", "roster", "--out", str(out), "--node", key, "--node", f"1={key}"]) == 2
+    assert "--node must be K=HEX" in capsys.readouterr().err
+    assert not out.exists()

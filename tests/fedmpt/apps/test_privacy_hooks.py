@@ -2,11 +2,14 @@
 
 Runs the real ServerApp round loop over the in-process grid of ``conftest.py`` (promptfl on the small task).
 Every epsilon is checked against an independent replay of the merged run ledger with Opacus's RDP analysis and
-dp_accounting's PLD accountant called directly (not through :mod:`privacy.accounting`).
+dp_accounting's PLD accountant called directly (not through :mod:`privacy.accounting`). Ledgers are signed with
+the kit identities (the simulation's per-run kit ``<run_dir>/secagg``) and pinned to the kit's roster; the
+attacker tests re-sign entries with fresh keys outside the roster.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -24,11 +27,13 @@ from opacus.accountants.analysis import rdp as opacus_rdp
 from fedmpt.apps import privacy_hooks
 from fedmpt.apps.client_app import build_client_app
 from fedmpt.apps.config import read_app_config
+from fedmpt.apps.kit import Kit, ensure_run_kit
 from fedmpt.apps.server_app import run_federation
-from fedmpt.errors import ConfigError
-from privacy.accounting import RDP_ORDERS
-from privacy.errors import LedgerError
-from privacy.ledger import LedgerEntry, load_roster, verify_ledger
+from fedmpt.errors import ConfigError, SecureAggregationError
+from privacy.accounting import RDP_ORDERS, DpSgdEvent, epsilon_pld, epsilon_rdp
+from privacy.errors import IdentityError, LedgerError
+from privacy.ledger import GENESIS_HASH, Ledger, LedgerEntry, Release, key_id_of, verify_ledger
+from secagg.keys import Identity, Roster
 
 NODES = {9001: 2, 17: 0, 555: 1}
 SIGMA = 1.1
@@ -112,15 +117,17 @@ def test_dp_run_epsilon_matches_a_replay_of_the_merged_ledger(
             previous[node] = values["epsilon_rdp"]
         assert epsilon["max_epsilon_rdp"] == max(v["epsilon_rdp"] for v in epsilon["clients"].values())
         assert epsilon["max_epsilon_pld"] == max(v["epsilon_pld"] for v in epsilon["clients"].values())
-    roster = load_roster(run.path / "roster.json")
-    assert sorted(roster) == ["0", "1", "2"]
-    report = verify_ledger(ledger_path, roster)
+    kit = Kit.load(run.path / "secagg")  # the simulation's per-run kit: the one identity system of the run
+    assert sorted(kit.roster) == [0, 1, 2]
+    report = verify_ledger(ledger_path, kit.roster)
     assert report.ok, report.first_failure
-    # every node kept its own chain, identical to what the server merged
+    assert not (run.path / "roster.json").exists()  # nothing learnt from replies is pinned or written
+    # every node kept its own chain, identical to what the server merged, signed by its kit identity
     for k in range(3):
         node_dir = run.path / "nodes" / f"node-{k}"
         assert _entries(node_dir / "epsilon_ledger.jsonl") == [e for e in entries if e.node_id == str(k)]
-        assert (node_dir / "identity.pem").stat().st_mode & 0o777 == 0o600
+        assert {e.public_key for e in entries if e.node_id == str(k)} == {kit.identity(k).public.hex()}
+        assert not (node_dir / "identity.pem").exists()
         state = json.loads(
             str(
                 grid.contexts[[n for n, p in NODES.items() if p == k][0]].state.config_records[
@@ -156,7 +163,7 @@ def test_budget_exhausted_node_stops_and_the_others_go_on(
     entries = _entries(run.path / "epsilon_ledger.jsonl")
     assert [e.round for e in entries if e.node_id == "1"] == [1]
     assert [e.round for e in entries if e.node_id == "0"] == [1, 2, 3]
-    assert verify_ledger(run.path / "epsilon_ledger.jsonl", load_roster(run.path / "roster.json")).ok
+    assert verify_ledger(run.path / "epsilon_ledger.jsonl", Kit.load(run.path / "secagg").roster).ok
 
 
 def test_accountant_survives_a_restart_and_the_ledger_wins(
@@ -193,59 +200,72 @@ def test_tampered_node_ledger_is_detected(config: Callable[..., dict[str, Any]],
     data = node_ledger.read_bytes()
     assert data.count(b'"steps":2') == 1
     node_ledger.write_bytes(data.replace(b'"steps":2', b'"steps":1'))  # understate the spent steps
-    assert not verify_ledger(node_ledger).ok
+    assert not verify_ledger(node_ledger, Kit.load(run_dir / "secagg").roster).ok
     # the node refuses to open its edited ledger (under Flower the exception becomes the node's error reply)
     resumed = {**cfg, "resume": True}
     with pytest.raises(LedgerError, match="node-2/epsilon_ledger.jsonl, line 1: bad signature"):
         run_federation(fake_grid(build_client_app(), NODES, run_config=resumed), read_app_config(resumed))
 
 
-def test_server_rejects_entries_not_signed_by_the_pinned_key(tmp_path: Path) -> None:
-    from privacy.accounting import DpSgdEvent
-    from privacy.ledger import Ledger, NodeIdentity, Release
+def _reply(node_id: str, entries: list[LedgerEntry]) -> Any:
+    """A received train reply whose privacy record carries ``entries`` for ``node_id``."""
+    from flwr.app import ConfigRecord, Message, Metadata
 
-    ledger = privacy_hooks.RunLedger(tmp_path, privacy_hooks.PrivacyRunConfig(dp=True))
-    honest, forger = NodeIdentity.generate(), NodeIdentity.generate()
+    record = ConfigRecord(
+        {
+            privacy_hooks.PrivacyKey.NODE_ID: node_id,
+            privacy_hooks.PrivacyKey.ENTRIES: [e.canonical_bytes().decode() for e in entries],
+            privacy_hooks.PrivacyKey.STATUS: "trained",
+        }
+    )
+    metadata = Metadata(1, "m", 1, 0, "", "1", 0.0, 60.0, "train")
+    return Message(metadata=metadata, content=RecordDict({privacy_hooks.PRIVACY_RECORD: record}))  # type: ignore[call-overload]  # a received message
+
+
+def _resigned(entry: LedgerEntry, signer: Identity, **changes: Any) -> LedgerEntry:
+    unsigned = LedgerEntry(
+        **{**entry.payload(), **changes, "key_id": key_id_of(signer.public), "public_key": signer.public.hex()}
+    )
+    return LedgerEntry(**{**unsigned.payload(), "signature": signer.sign(unsigned.signed_bytes()).hex()})
+
+
+def test_server_pins_to_the_kit_roster_and_refuses_any_other_key(tmp_path: Path) -> None:
+    kit = ensure_run_kit(tmp_path / "kit", 2)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ledger = privacy_hooks.RunLedger(run_dir, privacy_hooks.PrivacyRunConfig(dp=True), kit.roster)
+    honest, forger = kit.identity(0), Identity.generate(0)  # the forger's fresh key claims node 0
     release = Release("run", "0", 1, DpSgdEvent(1.0, 0.5, 2), 1.0, 1e-5)
     good = Ledger(tmp_path / "a.jsonl", honest).append(release)
     forged = Ledger(tmp_path / "b.jsonl", forger).append(release)
-
-    def reply(entry: LedgerEntry, key_hex: str) -> Any:
-        from flwr.app import ConfigRecord, Message, Metadata
-
-        record = ConfigRecord(
-            {
-                privacy_hooks.PrivacyKey.NODE_ID: "0",
-                privacy_hooks.PrivacyKey.PUBLIC_KEY: key_hex,
-                privacy_hooks.PrivacyKey.ENTRIES: [entry.canonical_bytes().decode()],
-                privacy_hooks.PrivacyKey.STATUS: "trained",
-            }
-        )
-        metadata = Metadata(1, "m", 1, 0, "", "1", 0.0, 60.0, "train")
-        return Message(metadata=metadata, content=RecordDict({privacy_hooks.PRIVACY_RECORD: record}))  # type: ignore[call-overload]  # a received message
-
-    assert ledger.collect(reply(good, honest.public_key_hex)) is None
-    assert json.loads((tmp_path / "roster.json").read_text()) == {"0": honest.public_key_hex}
-    problem = ledger.collect(reply(forged, forger.public_key_hex))
-    assert problem is not None and "different from the one pinned" in problem
-    # the forger's entry under the honest key's name: signature check fails at merge
+    # the first reply of node 0 already has to carry its roster key: there is no first use to trust
+    problem = ledger.collect(_reply("0", [forged]))
+    assert problem is not None and problem.startswith("ledger rejected") and "not by the roster key" in problem
+    assert ledger.collect(_reply("0", [good])) is None
+    assert not (run_dir / "roster.json").exists()
+    # the forger's signature under the honest key's name fails the signature check
     impostor = LedgerEntry(
-        **{
-            **forged.payload(),
-            "public_key": honest.public_key_hex,
-            "key_id": honest.key_id,
-            "signature": forged.signature,
-        }
-    )
-    problem = ledger.collect(reply(impostor, honest.public_key_hex))
-    assert problem is not None and problem.startswith("ledger rejected") and "bad signature" in problem
+        **{**forged.payload(), "public_key": honest.public.hex(), "key_id": key_id_of(honest.public),
+           "signature": forged.signature}
+    )  # fmt: skip
+    problem = ledger.collect(_reply("0", [impostor]))
+    assert problem is not None and "bad signature" in problem
     # a byte-edited line of the honest node (fewer steps claimed) fails its signature at merge
     edited = LedgerEntry(
         **{**good.payload(), "seq": 1, "steps": 1, "prev_hash": good.entry_hash(), "signature": good.signature}
     )
-    problem = ledger.collect(reply(edited, honest.public_key_hex))
+    problem = ledger.collect(_reply("0", [edited]))
     assert problem is not None and "bad signature" in problem
-    assert len(_entries(tmp_path / "epsilon_ledger.jsonl")) == 1
+    # a node id the roster does not list, even with a valid signature of its own
+    stranger = Ledger(tmp_path / "c.jsonl", Identity.generate(7)).append(dataclasses.replace(release, node_id="7"))
+    assert ledger.collect(_reply("7", [stranger])) == "node '7' is not in the provisioned roster"
+    assert _entries(run_dir / "epsilon_ledger.jsonl") == [good]
+    # resuming the run ledger under another kit fails at once, and there is no RunLedger without a roster
+    other = Roster.from_identities([Identity.generate(0), Identity.generate(1)])
+    with pytest.raises(LedgerError, match="line 1: node '0' is signed by .*resumed under another kit"):
+        privacy_hooks.RunLedger(run_dir, privacy_hooks.PrivacyRunConfig(dp=True), other)
+    with pytest.raises(IdentityError, match="needs the provisioned roster"):
+        privacy_hooks.RunLedger(run_dir, privacy_hooks.PrivacyRunConfig(dp=True), None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -302,6 +322,46 @@ def test_reply_with_tampered_entries_is_not_aggregated(
     assert {e.node_id for e in _entries(run.path / "epsilon_ledger.jsonl")} == {"0", "1"}
 
 
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")  # sigma = 44: RDP's tightest order is the top
+def test_reply_resigned_with_40x_the_noise_by_a_fresh_key_is_refused(
+    config: Callable[..., dict[str, Any]], fake_grid: Callable[..., Any]
+) -> None:
+    real = build_client_app()
+    forger = Identity.generate(2)  # claims partition 2, is not in the per-run kit's roster
+
+    def forging(message: Any, context: Any) -> Any:  # partition 2's ledger rewritten with 40x the noise
+        reply = real(message, context)
+        if context.node_config["partition-id"] == 2 and message.metadata.message_type == "train":
+            record = reply.content.config_records[privacy_hooks.PRIVACY_RECORD]
+            forged, prev_hash, history = [], GENESIS_HASH, []
+            for line in record[privacy_hooks.PrivacyKey.ENTRIES]:  # type: ignore[union-attr]
+                entry = LedgerEntry.from_line(str(line).encode())
+                history.append(DpSgdEvent(entry.noise_multiplier * 40, entry.sample_rate, entry.steps))
+                entry = _resigned(
+                    entry,
+                    forger,
+                    noise_multiplier=history[-1].noise_multiplier,
+                    epsilon_rdp=epsilon_rdp(history, entry.delta),
+                    epsilon_pld=epsilon_pld(history, entry.delta, entry.pld_value_discretization),
+                    prev_hash=prev_hash,
+                )
+                prev_hash = entry.entry_hash()
+                forged.append(entry.canonical_bytes().decode())
+            record[privacy_hooks.PrivacyKey.ENTRIES] = forged
+        return reply
+
+    cfg = config(**{"num-server-rounds": 1})
+    run = run_federation(fake_grid(forging, NODES, run_config=cfg), read_app_config(cfg))
+    (line,) = _lines(run.path)
+    assert line["clients_replied"] == [0, 1]
+    (failure,) = line["clients_failed"]
+    assert failure["client_id"] == 2 and failure["node_id"] == 9001
+    assert failure["reason"].startswith(f"error {privacy_hooks.LEDGER_REJECTED_CODE}: ledger rejected")
+    assert f"signed by {key_id_of(forger.public)}, not by the roster key" in failure["reason"]
+    assert {e.node_id for e in _entries(run.path / "epsilon_ledger.jsonl")} == {"0", "1"}
+    assert verify_ledger(run.path / "epsilon_ledger.jsonl", Kit.load(run.path / "secagg").roster).ok
+
+
 @given(delta=st.floats(min_value=-1.0, max_value=2.0, allow_nan=False), sigma=st.floats(-2.0, 5.0))
 def test_delta_and_sigma_ranges(delta: float, sigma: float) -> None:
     valid = 0.0 < delta < 1.0 and sigma >= 0.0
@@ -322,10 +382,7 @@ def test_ledger_location_and_site_budget(tmp_path: Path) -> None:
     assert privacy_hooks.ledger_root(default, tmp_path, "", 7) == tmp_path / "flower-run-7" / "nodes"
     elsewhere = privacy_hooks.PrivacyRunConfig(dp=True, ledger_dir=str(tmp_path / "site"))
     assert privacy_hooks.ledger_root(elsewhere, tmp_path, "exp", 7) == tmp_path / "site"
-    paths = privacy_hooks.node_paths(tmp_path, 3, {})
-    assert paths.identity == tmp_path / "node-3" / "identity.pem"
-    assert paths.ledger == tmp_path / "node-3" / "epsilon_ledger.jsonl"
-    assert privacy_hooks.node_paths(tmp_path, 3, {"identity-key": "/keys/k.pem"}).identity == Path("/keys/k.pem")
+    assert privacy_hooks.node_ledger_path(tmp_path, 3) == tmp_path / "node-3" / "epsilon_ledger.jsonl"
     budget = privacy_hooks.node_budget(default, {})
     assert budget is not None and budget.max_epsilon == 4.0
     site = privacy_hooks.node_budget(default, {"max-epsilon": 1.5})
@@ -333,11 +390,26 @@ def test_ledger_location_and_site_budget(tmp_path: Path) -> None:
     assert privacy_hooks.node_budget(privacy_hooks.PrivacyRunConfig(dp=True), {}) is None
     with pytest.raises(ConfigError, match="'max-epsilon'"):
         privacy_hooks.node_budget(default, {"max-epsilon": "lots"})
-    # a provisioned key that does not exist is an error, never silently replaced by a new one
-    from privacy.errors import IdentityError
 
-    with pytest.raises(IdentityError, match="does not exist"):
-        privacy_hooks.load_identity(tmp_path / "missing.pem", provisioned=True)
-    created = privacy_hooks.load_identity(tmp_path / "n" / "identity.pem", provisioned=False)
-    assert (tmp_path / "n" / "identity.pem").stat().st_mode & 0o777 == 0o600
-    assert privacy_hooks.load_identity(tmp_path / "n" / "identity.pem", provisioned=False).key_id == created.key_id
+
+def test_node_signs_with_its_kit_identity_and_never_creates_a_key(tmp_path: Path) -> None:
+    def identity(node_config: dict[str, Any], run_config: dict[str, Any], partition_id: int = 1) -> Identity:
+        return privacy_hooks.node_identity(node_config, run_config, tmp_path, "exp", partition_id)
+
+    # no kit anywhere: refused, and nothing is created in its place
+    with pytest.raises(SecureAggregationError, match="roster.bin is missing"):
+        identity({}, {})
+    assert not (tmp_path / "exp").exists()
+    per_run = ensure_run_kit(tmp_path / "exp" / "secagg", 2)  # the simulation's per-run kit
+    site = ensure_run_kit(tmp_path / "site-kit", 2)  # the node's own provisioned kit
+    named = ensure_run_kit(tmp_path / "named-kit", 2)  # a kit the run config names
+    assert identity({}, {}).public == per_run.identity(1).public
+    assert identity({}, {"secagg-dir": str(tmp_path / "named-kit")}).public == named.identity(1).public
+    own = {"secagg-dir": str(tmp_path / "site-kit")}  # the node config wins over the run config
+    assert identity(own, {"secagg-dir": str(tmp_path / "named-kit")}).public == site.identity(1).public
+    with pytest.raises(SecureAggregationError, match="no identity key for partition 2"):
+        identity({}, {}, partition_id=2)
+    with pytest.raises(ConfigError, match="'identity-key' is no longer read"):
+        identity({"identity-key": str(tmp_path / "old.pem")}, {})
+    with pytest.raises(ConfigError, match="run config 'secagg-dir' must be a path string"):
+        identity({}, {"secagg-dir": 3})
