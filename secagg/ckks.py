@@ -576,9 +576,9 @@ class CkksAggregate:
     only); for float mode the CKKS part is a heuristic (n * 2**(16 - scale_bits) / W: twice the measured noise
     per fresh ciphertext) plus ``rounding_step / 2``. ``rounding_step`` is the grid every coordinate of
     ``mean`` lies on (float mode from :func:`decrypt_verified`: a power of two; packed mode: 1 / (s * W), the
-    quantization grid; 0.0: not rounded, the deprecated :func:`decrypt_aggregate`). ``flooding_std`` is the std
+    quantization grid). ``flooding_std`` is the std
     of the Gaussian noise added before rounding (0.0: none), which ``error_bound`` does not include.
-    ``senders`` are the nodes whose verified uploads were summed (empty from :func:`decrypt_aggregate`).
+    ``senders`` are the nodes whose verified uploads were summed.
     """
 
     mean: np.ndarray
@@ -701,7 +701,7 @@ def decrypt_verified(
 ) -> CkksAggregate:
     """Client: verify the signed uploads of a round, recompute their homomorphic sum and decrypt only that.
 
-    Protocol step (the module's one supported decryption; :func:`decrypt_aggregate` is deprecated), for
+    Protocol step (the module's only decryption), for
     ``signed_uploads`` = {node u: envelope} as forwarded by the server:
 
     1. |U| >= ``threshold`` (>= 2) distinct senders, else ThresholdNotMet; |U| <= max_clients.
@@ -774,26 +774,6 @@ def decrypt_verified(
         result.flooding_std,
         tuple(sorted(parsed)),
     )
-
-
-def decrypt_aggregate(
-    context: ts.Context, config: CkksConfig, data: bytes, *, run_id: bytes, round_number: int, key_id: bytes
-) -> CkksAggregate:
-    """Deprecated, unverified; removed when the app uses :func:`decrypt_verified`.
-
-    Client: decrypt an AGGREGATE message as the server sent it. This is the decryption oracle that
-    :func:`decrypt_verified` closes: nothing proves the ciphertext is a sum of distinct clients' uploads. The
-    decoded values are not rounded (``rounding_step`` = 0.0), as before.
-    """
-    if not context.is_private():
-        raise CkksError("decrypt_aggregate needs the client context with the secret key")
-    parsed = _unpack_message(
-        data, CkksKind.AGGREGATE, run_id, round_number, context_fingerprint(context, key_id), config
-    )
-    if parsed.sender != SERVER_ID:
-        raise MessageRejected(f"CKKS AGGREGATE from {parsed.sender}, not from the server")
-    vectors = [_vector_from(context, raw, "AGGREGATE") for raw in parsed.ciphertexts]
-    return _decrypt_sum(context, config, vectors, parsed.d, expected_clients=None, round_floats=False)
 
 
 def bytes_per_parameter(message: bytes, d: int) -> float:

@@ -777,7 +777,8 @@ def server_collect_masked_inputs(state: ServerState, replies: Mapping[int, bytes
 def server_collect_consistency(state: ServerState, replies: Mapping[int, bytes]) -> dict[int, bytes]:
     """Stage 3b (server): gather survivors' signatures on U3 and send them, with U3, to the signers.
 
-    Needs at least t signatures valid under the roster; only signers are asked to unmask.
+    Needs at least t signatures valid under the roster; only signers are asked to unmask, each sent t of the
+    signatures (enough for its check, and O(t) rather than O(n) verifications per client).
     """
     state._require(ServerStage.CONSISTENCY, "server_collect_consistency")
     transcript = consistency_transcript(state.run_id, state.round_number, state.setup, state.survivors)
@@ -796,7 +797,9 @@ def server_collect_consistency(state: ServerState, replies: Mapping[int, bytes])
     if len(signatures) < state.config.threshold:
         raise state._fail(f"{len(signatures)} consistency signatures, threshold is {state.config.threshold}")
     state.stage, state.unmaskers = ServerStage.UNMASK, frozenset(signatures)
-    payload = wire.encode_unmask_request(state.survivors, signatures)
+    # t signatures are what a client needs (any t of U4); sending all |U4| would make every client verify O(n).
+    proof = {u: signatures[u] for u in sorted(signatures)[: state.config.threshold]}
+    payload = wire.encode_unmask_request(state.survivors, proof)
     return {u: state._pack(Kind.UNMASK_REQUEST, u, payload) for u in sorted(signatures)}
 
 

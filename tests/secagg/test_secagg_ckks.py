@@ -99,8 +99,7 @@ def test_server_holds_no_secret_key(contexts, tmp_path: Path) -> None:  # type: 
     assert (kit.client_context.stat().st_mode & 0o777) == 0o600
     # What the server ends up holding after a round: its context and ciphertexts, none of which can decrypt.
     _, msgs, agg = _round(FLOAT, secret, server, {1: np.ones(3), 2: np.zeros(3)}, {1: 1, 2: 1})
-    with pytest.raises(CkksError, match="secret key"):
-        ckks.decrypt_aggregate(server, FLOAT, agg, run_id=RUN, round_number=2, key_id=KEY)
+    assert not hasattr(ckks, "decrypt_aggregate")  # no public decryption of a server-made ciphertext
     signed = {u: ckks.sign_upload(IDS[u], m) for u, m in msgs.items()}
     with pytest.raises(CkksError, match="secret key"):
         ckks.decrypt_verified(server, FLOAT, signed, ROSTER, run_id=RUN, round_number=2, key_id=KEY, threshold=2)
@@ -133,9 +132,6 @@ def test_aggregate_matches_plaintext_weighted_mean(contexts, mode: str) -> None:
         assert res.error_bound == pytest.approx(3 * 2.0**-24 / 9 + 2.0**-16)
         np.testing.assert_array_equal(grid, np.rint(grid))
         assert np.unique(res.mean).size > 100  # not a degenerate grid
-    # The deprecated unverified path (still used by the app) decodes the server's sum to the same values.
-    old = ckks.decrypt_aggregate(secret, cfg, agg, run_id=RUN, round_number=2, key_id=KEY)
-    assert np.max(np.abs(old.mean - exact)) < old.error_bound <= res.error_bound
 
 
 def test_packed_grid_values_are_exact(contexts) -> None:  # type: ignore[no-untyped-def]
