@@ -9,7 +9,8 @@ aggregation and the server's evaluation.
 With several ``--secure-aggregation`` modes the runs are interleaved (mode A, mode B, ..., then again for each
 ``--repeats``), so every mode sees the same background load, and each mode's round time is reported as a ratio
 to the ``none`` run of the same size. For masking the per-exchange times (``stage_s``: advertise = local
-training + key advertisement, then share-keys, masked-input, unmask) come from the metrics lines.
+training + key advertisement, then share-keys, masked-input, consistency-check, unmask) come from the metrics
+lines.
 
 Usage::
 

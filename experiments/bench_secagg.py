@@ -16,13 +16,15 @@ What is timed (wall clock, ``time.perf_counter``; "client" is the mean over clie
 * none: client = float32 serialization of (weight, update); server = parse + weighted mean ("bare
   aggregation"). Its Flower-serialized variant (the update in an ``ArrayRecord`` copied through Flower's
   protobuf message serialization) gives the ``*_serde_s`` of the plaintext round.
-* masking (ours, complete graph, t = floor(n/2)+1) and secagg+ (ours, k = max(4, 2*ceil(log2 n)) neighbours,
-  only where k < n-1, i.e. n >= 10; t = k/2+1): client = the five client stages (with the consistency check);
-  server = the five server stages.
+* masking (ours, complete graph, t = floor(n/2)+1, the same t as Flower's run; the kit's active-server default
+  t = floor(2n/3)+1 costs the same per stage up to Shamir's degree) and secagg+ (ours, k = max(4, 2*ceil(log2 n))
+  neighbours, only where k < n-1, i.e. n >= 10; t = k/2+1): client = the five client stages (with the
+  consistency check); server = the five server stages.
 * ckks (N=8192, chain (60,60), symmetric, float encoding): client = encrypt + verified decryption (check every
   signed upload against the roster, re-sum them, decrypt the sum); server = aggregate. Down bytes = every
-  signed upload of the round (what a verifying client must receive). To spare the shared CPU, at most 3 clients really encrypt; the other uploads are copies
-  of those bytes with the sender field rewritten, which costs the server exactly the same.
+  signed upload of the round (what a verifying client must receive). To spare the shared CPU, at most 3 clients
+  really encrypt; the other uploads are copies of those bytes with the sender field rewritten (and signed by
+  their own sender), which costs the server and the verifying client exactly the same.
 * flower-secagg (num_shares = n: complete graph, Flower's SecAgg) and flower-secagg+ (num_shares = k+1, same k
   and t as ours): Flower's unmodified ``SecAggPlusWorkflow`` and ``secaggplus_mod`` driven in-process by
   ``experiments/bench_secagg_flower.py`` (see its docstring for exactly what is and is not measured).
@@ -412,7 +414,6 @@ def run_grid(
     """Every mode on the same vectors for each (d, n); one row per (n, d). Cells with d <= 1e5 are run
     ``repeats`` times (median per metric), d = 1e6 once, to keep the grid's CPU time bounded."""
     ids = {u: Identity.generate(u) for u in range(1, max(clients) + 1)}
-    roster = Roster.from_identities(ids)
     ckks_cfg = CkksConfig(clip_range=1.0, max_clients=max(64, max(clients)))
     secret = ckks.create_secret_context(ckks_cfg)
     server_ctx = ckks.load_server_context(ckks.server_context_bytes(secret), ckks_cfg)
@@ -427,6 +428,8 @@ def run_grid(
             row["none"] = _median_of(partial(bench_none_with_serde, updates), reps)
             t = n // 2 + 1
             cfg = MaskingConfig(threshold=t, scale=2.0**16)
+            # The provisioned roster of this federation is its n nodes (the SecAgg+ ring is placed over the roster).
+            roster = Roster.from_identities({u: ids[u] for u in updates})
             row["masking"] = _median_of(partial(bench_masking, updates, cfg, ids, roster, exact), reps)
             k = _secaggplus_k(n)
             if k is not None:
