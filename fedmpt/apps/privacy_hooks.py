@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from enum import StrEnum
 from pathlib import Path
@@ -410,12 +410,18 @@ class RunLedger:
                     )
                 self.entries.setdefault(entry.node_id, []).append(entry)
 
-    def wrap(self, grid: Grid) -> Grid:
-        """``grid`` with every train reply passed through :meth:`collect` first."""
-        return _LedgerGrid(grid, self)
+    def wrap(self, grid: Grid, partition_of: Callable[[int], int | None] | None = None) -> Grid:
+        """``grid`` with every train reply passed through :meth:`collect` first.
 
-    def collect(self, reply: Message) -> str | None:
-        """Merge the signed entries of one train reply; returns why they were rejected, or None if merged."""
+        ``partition_of`` maps a Flower node id to the partition (roster node) the server knows it serves; a reply
+        must then carry that partition's ledger, so a node cannot pass another node's valid chain off as its own.
+        """
+        return _LedgerGrid(grid, self, partition_of)
+
+    def collect(self, reply: Message, expected_node: int | None = None) -> str | None:
+        """Merge the signed entries of one train reply; returns why they were rejected, or None if merged.
+
+        ``expected_node`` is the partition the replying Flower node serves, when the server knows it."""
         if reply.has_error() or PRIVACY_RECORD not in reply.content.config_records:
             return None
         record = reply.content.config_records[PRIVACY_RECORD]
@@ -425,6 +431,11 @@ class RunLedger:
             return "privacy record without node-id or ledger-entries"
         if node_id not in self._keys:
             return f"node {node_id!r} is not in the provisioned roster"
+        if expected_node is not None and node_id != str(expected_node):
+            return (
+                f"the reply of the node serving partition {expected_node} carries the ledger of node {node_id!r} "
+                "(another node's chain)"
+            )
         parsed: list[LedgerEntry] = []
         try:
             for line in lines:
@@ -479,9 +490,12 @@ class _LedgerGrid(GridProxy):
     its update is not aggregated and the failure is recorded with the reason.
     """
 
-    def __init__(self, grid: Grid, ledger: RunLedger) -> None:
+    def __init__(
+        self, grid: Grid, ledger: RunLedger, partition_of: Callable[[int], int | None] | None = None
+    ) -> None:
         super().__init__(grid)
         self._ledger = ledger
+        self._partition_of = partition_of
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
         sent = list(messages)
@@ -490,7 +504,8 @@ class _LedgerGrid(GridProxy):
             if reply.metadata.message_type != MessageType.TRAIN:
                 yield reply
                 continue
-            problem = self._ledger.collect(reply)
+            served = self._partition_of(reply.metadata.src_node_id) if self._partition_of is not None else None
+            problem = self._ledger.collect(reply, served)
             original = by_node.get(reply.metadata.src_node_id)
             if problem is None or original is None:
                 yield reply

@@ -169,7 +169,7 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
             sa.key_dir, run.path, config.task.num_clients, threshold=sa.threshold, neighbours=sa.neighbours
         )
         run_ledger = privacy_hooks.RunLedger(run.path, config.privacy, kit.roster)
-        grid = run_ledger.wrap(grid)
+        grid = run_ledger.wrap(grid, roster.partition_of.get)  # a node must send the ledger of its own partition
     arrays = aggregator.restore(arrays)  # CKKS: a checkpoint holds the encrypted state
     for server_round in range(point.round + 1, fed.num_server_rounds + 1):
         started = time.monotonic()

@@ -413,3 +413,18 @@ def test_node_signs_with_its_kit_identity_and_never_creates_a_key(tmp_path: Path
         identity({"identity-key": str(tmp_path / "old.pem")}, {})
     with pytest.raises(ConfigError, match="run config 'secagg-dir' must be a path string"):
         identity({}, {"secagg-dir": 3})
+
+
+def test_a_node_cannot_pass_another_nodes_valid_chain_off_as_its_own(tmp_path: Path) -> None:
+    """Node 1 replays node 0's validly signed chain (e.g. to look as if it spent node 0's smaller epsilon, or to
+    hide its own): the server knows which partition each Flower node serves and refuses the chain of another."""
+    kit = ensure_run_kit(tmp_path / "kit", 2)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ledger = privacy_hooks.RunLedger(run_dir, privacy_hooks.PrivacyRunConfig(dp=True), kit.roster)
+    release = Release("run", "0", 1, DpSgdEvent(1.0, 0.5, 2), 1.0, 1e-5)
+    node0 = Ledger(tmp_path / "a.jsonl", kit.identity(0)).append(release)
+    problem = ledger.collect(_reply("0", [node0]), expected_node=1)
+    assert problem is not None and "serving partition 1 carries the ledger of node '0'" in problem
+    assert not (run_dir / "epsilon_ledger.jsonl").exists()  # nothing merged
+    assert ledger.collect(_reply("0", [node0]), expected_node=0) is None
