@@ -612,14 +612,13 @@ def _decrypt_sum(
     vectors: Sequence[ts.CKKSVector],
     d: int,
     *,
-    expected_clients: int | None,
-    round_floats: bool,
+    expected_clients: int,
     flooding_std: float = 0.0,
 ) -> CkksAggregate:
     """Decrypt summed ciphertexts and decode the weighted mean (module doc); private on purpose.
 
-    With ``expected_clients`` = n the count slot must decrypt to n (|slot - n| < 1/4) and the weight slot to an
-    integer in [n, n * max_weight]; without it (deprecated path) only the ranges are checked.
+    The count slot must decrypt to ``expected_clients`` = n (|slot - n| < 1/4) and the weight slot to an integer in
+    [n, n * max_weight]; float-mode means are rounded to the grid of :func:`_float_rounding_step`.
     """
     if not context.is_private():
         raise CkksError("decryption needs the client context with the secret key")
@@ -634,29 +633,24 @@ def _decrypt_sum(
         raise MessageRejected(f"CKKS sum decrypts to {slots.size} slots, expected {n_data + 2}")
     weight_slot, count_slot = float(slots[n_data]), float(slots[n_data + 1])
     total_weight, n_clients = round(weight_slot), round(count_slot)
-    if expected_clients is not None:
-        if abs(count_slot - expected_clients) >= 0.25:
-            raise CkksError(
-                f"decrypted client count {count_slot:.3f} differs from the {expected_clients} uploads summed "
-                "(an upload is scaled or a combination of uploads)"
-            )
-        if abs(weight_slot - total_weight) >= 0.25 or not (
-            expected_clients <= total_weight <= expected_clients * config.max_weight
-        ):
-            raise CkksError(
-                f"decrypted total weight {weight_slot:.3f} is not an integer in [{expected_clients}, "
-                f"{expected_clients * config.max_weight}] (n = {expected_clients}, max_weight = {config.max_weight})"
-            )
-    elif not 1 <= n_clients <= config.max_clients or not n_clients <= total_weight <= n_clients * config.max_weight:
-        raise CkksError(f"decrypted count {count_slot:.3f} / weight {weight_slot:.3f} are inconsistent")
+    if abs(count_slot - expected_clients) >= 0.25:
+        raise CkksError(
+            f"decrypted client count {count_slot:.3f} differs from the {expected_clients} uploads summed "
+            "(an upload is scaled or a combination of uploads)"
+        )
+    if abs(weight_slot - total_weight) >= 0.25 or not (
+        expected_clients <= total_weight <= expected_clients * config.max_weight
+    ):
+        raise CkksError(
+            f"decrypted total weight {weight_slot:.3f} is not an integer in [{expected_clients}, "
+            f"{expected_clients * config.max_weight}] (n = {expected_clients}, max_weight = {config.max_weight})"
+        )
     if config.pack == 1:
         raw_mean = slots[:d] / total_weight  # (d,)
         noise_bound = n_clients * 2.0 ** (16 - config.scale_bits) / total_weight
-        if not round_floats:
-            return CkksAggregate(raw_mean, total_weight, n_clients, noise_bound)
         step = _float_rounding_step(noise_bound)
         peak = float(np.max(np.abs(raw_mean), initial=0.0))
-        if expected_clients is not None and peak > config.clip_range + step:
+        if peak > config.clip_range + step:
             raise CkksError(
                 f"decrypted mean reaches {peak:.4g}, beyond clip_range={config.clip_range}: an upload was not "
                 "encoded by encrypt_update"
@@ -762,9 +756,7 @@ def decrypt_verified(
         uploads[node] = signed.upload
     parsed, d = _parse_uploads(context, config, uploads, run_id=run_id, round_number=round_number, key_id=key_id)
     vectors = _sum_ciphertexts(context, config, parsed)
-    result = _decrypt_sum(
-        context, config, vectors, d, expected_clients=len(parsed), round_floats=True, flooding_std=flooding_std
-    )
+    result = _decrypt_sum(context, config, vectors, d, expected_clients=len(parsed), flooding_std=flooding_std)
     return CkksAggregate(
         result.mean,
         result.total_weight,
