@@ -327,6 +327,7 @@ class CkksAggregator:
         from fedmpt.apps.messages import Key, RecordName, to_array_record
         from secagg import ckks
 
+        self.kit.check_participants(targets, server_round)
         context, cfg, key_id = self._ckks
         timeout_s = float(federation.round_timeout_s)
         started = time.monotonic()

@@ -23,12 +23,12 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedmpt.errors import ConfigError, SecureAggregationError
+from fedmpt.errors import ConfigError, FederationError, SecureAggregationError
 from secagg.keys import (
     ROSTER_FILE,
     Identity,
@@ -195,6 +195,16 @@ class Kit:
         if node_id not in self.roster or public_bytes(self.roster[node_id]) != identity.public:
             raise SecureAggregationError(f"identity key {path} does not match the roster entry of node {node_id}")
         return identity
+
+    def check_participants(self, client_ids: Iterable[int], server_round: int) -> None:
+        """A round may only sample provisioned nodes: name the keys that fix a roster/federation mismatch."""
+        strangers = sorted(set(client_ids) - set(self.roster))
+        if strangers:
+            raise FederationError(
+                f"round {server_round}: partitions {strangers} are connected but the kit {self.path} provisions only "
+                f"0..{self.params.roster_size - 1}: set 'num-clients' to the number of SuperNodes, or provision a kit "
+                "for every partition"
+            )
 
     @property
     def ckks_dir(self) -> Path:

@@ -306,6 +306,7 @@ class MaskingAggregator:
         remain at some stage (``status = "secure-aggregation-failed"``) or fewer than ``min-clients`` survive
         (``"insufficient-replies"``): nothing is applied.
         """
+        self.kit.check_participants(targets, server_round)
         timeout_s = float(federation.round_timeout_s)
         participants = sorted(targets)
         d = int(sum(np.size(a) for a in arrays.values()))

@@ -208,3 +208,19 @@ def test_a_run_config_that_disagrees_with_the_kit_stops_before_round_one(
         run_federation(
             fake_grid(build_client_app(), NODES, run_config=low_participation), read_app_config(low_participation)
         )
+
+
+@pytest.mark.parametrize("mode", ["masking", "ckks"])
+def test_more_supernodes_than_provisioned_partitions_is_one_clear_error(
+    config: Callable[..., dict[str, Any]], fake_grid: Callable[..., Any], mode: str
+) -> None:
+    """Four SuperNodes, a run for three partitions: the round stops naming the key that fixes it (not an overflow
+    or a protocol refusal far from the cause)."""
+    from fedmpt.errors import FederationError
+
+    cfg = config(**{"secure-aggregation": mode})
+    nodes = {**NODES, 4242: 3}
+    grid = fake_grid(build_client_app(), nodes, run_config=cfg)
+    grid.contexts[4242].node_config["num-partitions"] = 4
+    with pytest.raises(FederationError, match=r"partitions \[3\] are connected .* set 'num-clients'"):
+        run_federation(grid, read_app_config(cfg))
