@@ -387,6 +387,11 @@ def mask_partial_labels(
 # ---------------------------------------------------------------------------------------------- participation
 
 
+def participants_per_round(num_clients: int, fraction: float, min_clients: int = 1) -> int:
+    """m = max(min_clients, floor(fraction * num_clients)): how many clients :func:`sample_participants` draws."""
+    return max(min_clients, math.floor(fraction * num_clients + _FLOOR_SLACK))
+
+
 def sample_participants(
     num_clients: int,
     fraction: float,
@@ -412,6 +417,6 @@ def sample_participants(
         raise ConfigError(f"min_clients must be an integer in [1, num_clients={num_clients}], got {min_clients!r}")
     if isinstance(round, bool) or not isinstance(round, int) or round < 0:
         raise ConfigError(f"round must be a non-negative integer, got {round!r}")
-    count = max(min_clients, math.floor(fraction * num_clients + _FLOOR_SLACK))
+    count = participants_per_round(num_clients, fraction, min_clients)
     rng = _rng(seed, _Stream.PARTICIPATION, round)
     return sorted(int(k) for k in rng.choice(num_clients, size=count, replace=False))

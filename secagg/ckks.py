@@ -681,6 +681,21 @@ def _decrypt_sum(
     return CkksAggregate(mean, total_weight, n_clients, bound, 1.0 / (s * total_weight))
 
 
+def verify_signed_upload(roster: Roster, data: bytes, *, run_id: bytes, round_number: int, node: int) -> bytes:
+    """The UPLOAD inside a signed envelope filed under ``node``, once its signature verifies under the **roster**
+    key of ``node`` over :func:`upload_transcript` for this run and round (SignatureInvalid otherwise; a malformed
+    envelope is MessageRejected). Clients call it from :func:`decrypt_verified`; an honest server calls it to drop
+    what clients would refuse."""
+    if node not in roster:
+        raise SignatureInvalid(f"CKKS upload keyed by node {node!r}, which is not in the provisioned roster")
+    try:
+        signed = SignedUpload.from_bytes(data)
+    except MessageRejected as err:
+        raise MessageRejected(f"signed upload keyed by node {node}: {err}") from err
+    roster.verify(node, upload_transcript(run_id, round_number, node, signed.upload), signed.signature)
+    return signed.upload
+
+
 def decrypt_verified(
     context: ts.Context,
     config: CkksConfig,
@@ -744,16 +759,10 @@ def decrypt_verified(
         )
     if len(signed_uploads) > config.max_clients:
         raise CkksError(f"{len(signed_uploads)} uploads exceed max_clients={config.max_clients} (overflow headroom)")
-    uploads: dict[int, bytes] = {}
-    for node in sorted(signed_uploads):
-        if node not in roster:
-            raise SignatureInvalid(f"CKKS upload keyed by node {node!r}, which is not in the provisioned roster")
-        try:
-            signed = SignedUpload.from_bytes(signed_uploads[node])
-        except MessageRejected as err:
-            raise MessageRejected(f"signed upload keyed by node {node}: {err}") from err
-        roster.verify(node, upload_transcript(run_id, round_number, node, signed.upload), signed.signature)
-        uploads[node] = signed.upload
+    uploads = {
+        node: verify_signed_upload(roster, signed_uploads[node], run_id=run_id, round_number=round_number, node=node)
+        for node in sorted(signed_uploads)
+    }
     parsed, d = _parse_uploads(context, config, uploads, run_id=run_id, round_number=round_number, key_id=key_id)
     vectors = _sum_ciphertexts(context, config, parsed)
     result = _decrypt_sum(context, config, vectors, d, expected_clients=len(parsed), flooding_std=flooding_std)

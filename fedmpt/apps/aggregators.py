@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 
 from fedmpt.apps.messages import Key, RecordName, collect_replies, from_array_record, to_array_record
 from fedmpt.apps.secagg_config import Mode
+from fedmpt.errors import ConfigError
 from fedmpt.rundir import ClientFailure
 
 if TYPE_CHECKING:
@@ -247,6 +248,35 @@ class PlainAggregator:
             [(r.arrays, int(r.metrics[Key.NUM_EXAMPLES])) for r in replies if r.arrays is not None]
         )
         return outcome
+
+
+def check_kit_for_run(app_config: AppConfig, kit: Kit) -> None:
+    """Before round 1: the run config agrees with the kit (t and k are the kit's), the roster provisions every
+    partition, and the rounds the sampler draws reach t. Each error names the key that fixes it."""
+    from fedmpt.partition import participants_per_round
+
+    cfg, fed, p = app_config.secure_aggregation, app_config.federation, kit.params
+    if cfg.threshold and cfg.threshold != p.threshold:
+        raise ConfigError(
+            f"run config 'secagg-threshold'={cfg.threshold} differs from the kit's t={p.threshold} "
+            f"({kit.path}); t is fixed at provisioning: remove 'secagg-threshold' or provision a new kit"
+        )
+    if cfg.neighbours and cfg.neighbours != p.neighbours:
+        raise ConfigError(
+            f"run config 'secagg-neighbours'={cfg.neighbours} differs from the kit's k={p.neighbours} "
+            f"({kit.path}); remove 'secagg-neighbours' or provision a new kit"
+        )
+    num_clients = app_config.task.num_clients
+    missing = sorted(set(range(num_clients)) - set(kit.roster))
+    if missing:
+        raise ConfigError(f"secure aggregation: the kit's roster {kit.path} has no identity for partitions {missing}")
+    per_round = participants_per_round(num_clients, fed.fraction_train, fed.min_clients)
+    if per_round < p.threshold:
+        raise ConfigError(
+            f"secure aggregation: rounds sample {per_round} of {num_clients} clients ('fraction-train' = "
+            f"{fed.fraction_train}, 'min-clients' = {fed.min_clients}) but the kit's threshold is t = {p.threshold}: "
+            "raise 'fraction-train' or 'min-clients', or provision a kit with a lower --threshold"
+        )
 
 
 def build_aggregator(config: AppConfig, run_path: Path) -> Aggregator:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedmpt.apps.aggregators import Arrays, RoundOutcome, Status, sort_failures
+from fedmpt.apps.aggregators import Arrays, RoundOutcome, Status, check_kit_for_run, sort_failures
 from fedmpt.apps.kit import CKKS_STATE_RANGE, Kit, RoundCounter, load_run_kit
 from fedmpt.apps.secagg_config import Mode, SecAggKey, Stage
 from fedmpt.apps.secure_aggregation import (
@@ -223,7 +223,6 @@ class CkksAggregator:
     def create(cls, app_config: AppConfig, run_path: Path) -> CkksAggregator:
         """Load (or, in a simulation, provision) the kit; the server gets the key-less context only."""
         from fedmpt.apps import task
-        from fedmpt.apps.masking_app import check_run_against_kit
         from secagg import ckks
 
         cfg = app_config.secure_aggregation
@@ -238,7 +237,7 @@ class CkksAggregator:
             ckks_max_weight=max_weight,
             ckks_state_range=CKKS_STATE_RANGE,
         )
-        check_run_against_kit(cfg, kit)
+        check_kit_for_run(app_config, kit)
         server_kit = kit.ckks_dir / "server"
         context, ckks_cfg, key_id = ckks.load_kit(server_kit)
         if context.is_private():
@@ -248,20 +247,6 @@ class CkksAggregator:
                 f"CKKS kit {server_kit} is sized for {ckks_cfg.max_clients} clients of weight <= "
                 f"{ckks_cfg.max_weight}; the run needs {num_clients} clients of weight <= {max_weight} "
                 "(train-per-client): provision with --ckks-max-clients/--ckks-max-weight"
-            )
-        largest = max(float(np.max(np.abs(a))) for a in task.initial_arrays(app_config.task, fed.seed).values())
-        if largest > ckks_cfg.clip_range / 2:
-            raise ConfigError(
-                f"CKKS kit {server_kit} clips every state value to +-{ckks_cfg.clip_range:g}, but the initial state "
-                f"already reaches {largest:.3g}: provision with a larger --ckks-clip-range (default "
-                f"{CKKS_STATE_RANGE:g})"
-            )
-        per_round = max(fed.min_clients, int(fed.fraction_train * num_clients))
-        if per_round < kit.params.threshold:
-            raise ConfigError(
-                f"secure aggregation: rounds sample {per_round} clients but clients decrypt only sums of at least "
-                f"t = {kit.params.threshold} uploads: raise 'fraction-train' or 'min-clients', or provision a kit "
-                "with a lower --threshold"
             )
         return cls(kit, (context, ckks_cfg, key_id), max_weight)
 
@@ -296,22 +281,27 @@ class CkksAggregator:
             "key_id": key_id.hex(),
         }
 
-    def _verify(self, uploads: Mapping[int, bytes], server_round: int) -> tuple[dict[int, bytes], dict[int, str]]:
-        """Signature check of each reply (an honest server drops what clients would refuse)."""
+    def _verify(
+        self, uploads: Mapping[int, bytes], server_round: int
+    ) -> tuple[dict[int, bytes], dict[int, bytes], dict[int, str]]:
+        """(signed uploads whose signature verifies, their inner UPLOADs, {node: why not}): an honest server drops
+        what clients would refuse (:func:`secagg.ckks.verify_signed_upload`, the clients' own check)."""
         from secagg import ckks
 
         good: dict[int, bytes] = {}
+        inner: dict[int, bytes] = {}
         bad: dict[int, str] = {}
+        run_id = self.kit.params.run_id
         for node, data in sorted(uploads.items()):
             try:
-                signed = ckks.SignedUpload.from_bytes(data)
-                transcript = ckks.upload_transcript(self.kit.params.run_id, server_round, node, signed.upload)
-                self.kit.roster.verify(node, transcript, signed.signature)
+                upload = ckks.verify_signed_upload(
+                    self.kit.roster, data, run_id=run_id, round_number=server_round, node=node
+                )
             except (SecAggError, ConfigError) as err:
                 bad[node] = str(err)
                 continue
-            good[node] = data
-        return good, bad
+            good[node], inner[node] = data, upload
+        return good, inner, bad
 
     def train_round(
         self,
@@ -337,7 +327,16 @@ class CkksAggregator:
             "evaluation": "federated",
         }
         blob = encode_upload_set(self.uploads) if self.uploads else b""
-        plain = to_array_record(arrays) if not self.uploads else None
+        plain = None
+        if not self.uploads:  # the public initial state goes down in the clear; it must fit the kit's range
+            largest = max((float(np.max(np.abs(a))) for a in arrays.values()), default=0.0)
+            if largest > cfg.clip_range / 2:
+                raise ConfigError(
+                    f"CKKS kit {self.kit.ckks_dir} clips every state value to +-{cfg.clip_range:g}, but the initial "
+                    f"state already reaches {largest:.3g}: provision with a larger --ckks-clip-range (default "
+                    f"{CKKS_STATE_RANGE:g})"
+                )
+            plain = to_array_record(arrays)
         messages, bytes_down = [], 0
         for node_id in (targets[c] for c in sorted(targets)):
             config = ConfigRecord(
@@ -359,7 +358,7 @@ class CkksAggregator:
             )
         replies = collect_stage(grid, messages, Stage.CKKS, dict(targets), timeout_s)
         failures = list(replies.failures)
-        good, bad = self._verify(replies.payloads, server_round)
+        good, inner, bad = self._verify(replies.payloads, server_round)
         for node, reason in bad.items():
             failures.append(ClientFailure(targets[node], f"CKKS upload refused: {reason}", node))
         sort_failures(failures)
@@ -378,7 +377,7 @@ class CkksAggregator:
             ckks.aggregate(
                 context,
                 cfg,
-                {u: ckks.SignedUpload.from_bytes(v).upload for u, v in good.items()},
+                inner,
                 run_id=self.kit.params.run_id,
                 round_number=server_round,
                 key_id=key_id,

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedmpt.apps.aggregators import Arrays, RoundOutcome, Status, sort_failures
+from fedmpt.apps.aggregators import Arrays, RoundOutcome, Status, check_kit_for_run, sort_failures
 from fedmpt.apps.client_state import pack_client_state, unpack_client_state
 from fedmpt.apps.kit import Kit, RoundCounter, load_run_kit
 from fedmpt.apps.secagg_config import Mode, SecAggKey, SecureAggregationConfig, Stage, secure_aggregation_config_from
@@ -51,7 +51,7 @@ from fedmpt.apps.secure_aggregation import (
     weight_from,
 )
 from fedmpt.apps.update_vector import flatten, model_digest, unflatten
-from fedmpt.errors import ConfigError, SecureAggregationError
+from fedmpt.errors import SecureAggregationError
 from fedmpt.rundir import ClientFailure
 from secagg import masking
 from secagg.config import MaskingConfig
@@ -85,22 +85,6 @@ def masking_config(kit: Kit, max_weight: int, clip_range: float, timeout_s: floa
         neighbourhood_size=p.neighbourhood_size,
         stage_timeout_s=timeout_s,
     )
-
-
-def check_run_against_kit(config: SecureAggregationConfig, kit: Kit) -> None:
-    """A run config that sets t or k must agree with the kit (the kit wins; a mismatch is a mistake, not a
-    setting)."""
-    p = kit.params
-    if config.threshold and config.threshold != p.threshold:
-        raise ConfigError(
-            f"run config 'secagg-threshold'={config.threshold} differs from the kit's t={p.threshold} "
-            f"({kit.path}); t is fixed at provisioning: remove 'secagg-threshold' or provision a new kit"
-        )
-    if config.neighbours != p.neighbours and config.neighbours:
-        raise ConfigError(
-            f"run config 'secagg-neighbours'={config.neighbours} differs from the kit's k={p.neighbours} "
-            f"({kit.path}); remove 'secagg-neighbours' or provision a new kit"
-        )
 
 
 # ------------------------------------------------------------------------------------------ client
@@ -244,21 +228,8 @@ class MaskingAggregator:
         cfg = app_config.secure_aggregation
         num_clients = app_config.task.num_clients
         kit = load_run_kit(cfg.key_dir, run_path, num_clients, threshold=cfg.threshold, neighbours=cfg.neighbours)
-        check_run_against_kit(cfg, kit)
-        missing = sorted(set(range(num_clients)) - set(kit.roster))
-        if missing:
-            raise ConfigError(
-                f"secure aggregation: the kit's roster {kit.path} has no identity for partitions {missing}"
-            )
+        check_kit_for_run(app_config, kit)
         fed = app_config.federation
-        per_round = max(fed.min_clients, int(fed.fraction_train * num_clients))
-        if per_round < kit.params.threshold:
-            raise ConfigError(
-                f"secure aggregation: rounds sample {per_round} of {num_clients} clients ('fraction-train' = "
-                f"{fed.fraction_train}, 'min-clients' = {fed.min_clients}) but the kit's threshold is "
-                f"t = {kit.params.threshold}: raise 'fraction-train' or 'min-clients', or provision a kit with a "
-                "lower --threshold"
-            )
         max_weight = task.max_client_examples(app_config.task, fed.seed)
         protocol = masking_config(kit, max_weight, cfg.clip_range, fed.round_timeout_s)
         logger.info(

@@ -490,9 +490,7 @@ class _LedgerGrid(GridProxy):
     its update is not aggregated and the failure is recorded with the reason.
     """
 
-    def __init__(
-        self, grid: Grid, ledger: RunLedger, partition_of: Callable[[int], int | None] | None = None
-    ) -> None:
+    def __init__(self, grid: Grid, ledger: RunLedger, partition_of: Callable[[int], int | None] | None = None) -> None:
         super().__init__(grid)
         self._ledger = ledger
         self._partition_of = partition_of

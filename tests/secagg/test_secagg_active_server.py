@@ -306,3 +306,6 @@ def test_default_thresholds_match_the_stated_bound() -> None:
         assert 3 * t > 2 * n and 3 * (t - 1) <= 2 * n or t == 2
         assert security.tolerated_corruptions(t, n) >= (n - 1) // 3
     assert security.default_threshold(100, 10) == 2 * 11 // 3 + 1
+    # the examples of docs/secure_aggregation.md section 3.1
+    assert [(security.default_threshold(n), security.tolerated_corruptions(security.default_threshold(n), n))
+            for n in (5, 10)] == [(4, 2), (7, 3)]  # fmt: skip

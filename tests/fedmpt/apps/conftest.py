@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported: no usage events from tests
@@ -106,3 +107,32 @@ def task_identity() -> Iterator[None]:
 @pytest.fixture
 def fake_grid(task_identity: None) -> Callable[..., FakeGrid]:
     return FakeGrid
+
+
+@pytest.fixture(scope="module")
+def secagg_feature_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One frozen-feature cache per test module of secure-aggregation runs."""
+    return str(tmp_path_factory.mktemp("secagg-feature-cache"))
+
+
+@pytest.fixture
+def secagg_run_config(
+    tmp_path: Path, small_task: dict[str, Any], secagg_feature_cache: str
+) -> Callable[..., dict[str, Any]]:
+    """``make(**extra)``: the run config of a small masking run (3 clients, 1 round, PromptFL, seed 11, run "r")."""
+
+    def make(**extra: Any) -> dict[str, Any]:
+        return {
+            "runs-dir": str(tmp_path),
+            "run-name": "r",
+            "num-server-rounds": 1,
+            "seed": 11,
+            "num-clients": 3,
+            "method": "promptfl",
+            **small_task,
+            "cache-dir": secagg_feature_cache,
+            "secure-aggregation": "masking",
+            **extra,
+        }
+
+    return make

@@ -35,21 +35,9 @@ NODES = {17: 0, 555: 1, 9001: 2}
 
 
 @pytest.fixture
-def config(tmp_path: Path, small_task: dict[str, Any]) -> Callable[..., dict[str, Any]]:
-    def make(**extra: Any) -> dict[str, Any]:
-        return {
-            "runs-dir": str(tmp_path),
-            "run-name": "r",
-            "num-server-rounds": 1,
-            "seed": 11,
-            "num-clients": 3,
-            "method": "promptfl",
-            **small_task,
-            "secure-aggregation": "masking",
-            **extra,
-        }
-
-    return make
+def config(secagg_run_config: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Run configs of a small 3-client masking run (``tests/fedmpt/apps/conftest.py``)."""
+    return secagg_run_config
 
 
 def _lines(run_dir: Path) -> list[dict[str, Any]]:
@@ -224,3 +212,26 @@ def test_more_supernodes_than_provisioned_partitions_is_one_clear_error(
     grid.contexts[4242].node_config["num-partitions"] = 4
     with pytest.raises(FederationError, match=r"partitions \[3\] are connected .* set 'num-clients'"):
         run_federation(grid, read_app_config(cfg))
+
+
+def test_a_recorded_ckks_round_replayed_to_a_restarted_client_app_is_refused(
+    config: Callable[..., dict[str, Any]], fake_grid: Callable[..., Any]
+) -> None:
+    """CKKS binds uploads to a round too: replaying round 2's train message (the verified state of round 1 down)
+    to restarted ClientApps, to have them train and upload that round again, is refused by the disk counter."""
+    cfg = config(**{"secure-aggregation": "ckks", "num-server-rounds": 2})
+    recorder = _Recorder(fake_grid(build_client_app(), NODES, run_config=cfg))
+    run = run_federation(recorder, read_app_config(cfg))  # type: ignore[arg-type]
+    assert [x["status"] for x in _lines(run.path)] == ["ok", "ok"]
+    second = [
+        m
+        for m in recorder.sent
+        if m.content.config_records.get(RecordName.CONFIG, {}).get(SecAggKey.STAGE) == Stage.CKKS
+        and m.content.config_records[RecordName.CONFIG].get(Key.SERVER_ROUND) == 2
+    ]
+    assert len(second) == 3 and all(m.content.config_records[RecordName.CONFIG][SecAggKey.PAYLOAD] for m in second)
+    restarted = fake_grid(build_client_app(), NODES, run_config=cfg)
+    replies = list(restarted.send_and_receive([_train(m.metadata.dst_node_id, m.content) for m in second]))
+    assert len(replies) == 3
+    for reply in replies:
+        assert reply.has_error() and "replayed or re-run round" in reply.error.reason

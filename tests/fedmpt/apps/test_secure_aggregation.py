@@ -30,7 +30,7 @@ from fedmpt.apps.server_app import run_federation
 from fedmpt.apps.update_vector import flatten, model_digest, unflatten
 from fedmpt.errors import ConfigError, SecureAggregationError
 from secagg import masking
-from secagg.config import MaskingConfig, fixed_point_scale
+from secagg.config import MIN_SCALE, MaskingConfig, fixed_point_scale
 from secagg.encoding import encode, to_signed
 from secagg.keys import Identity, Roster
 
@@ -83,13 +83,21 @@ def test_fixed_point_scale_is_the_largest_power_of_two_without_overflow(n: int, 
 
 
 @pytest.mark.parametrize(
-    ("n", "w", "bits"),
-    [(5, 432, 32), (4, 432, 32), (50, 100_000, 64), (200, 100_000, 64), (10, 400, 32)],
-)
-def test_the_ring_sizes_itself_for_pilots_of_up_to_50_sites_of_1e5_records(n: int, w: int, bits: int) -> None:
+    ("n", "w", "bits", "scale"),
+    # the docs' examples (docs/secure_aggregation.md section 4, docs/deployment.md) are rows of this table
+    [(5, 432, 32, 2.0**19), (4, 432, 32, 2.0**20), (5, 400, 32, 2.0**20), (50, 100_000, 64, 2.0**36),
+     (200, 100_000, 64, 2.0**36), (10, 400, 32, 2.0**19)],
+)  # fmt: skip
+def test_the_ring_sizes_itself_for_pilots_of_up_to_50_sites_of_1e5_records(
+    n: int, w: int, bits: int, scale: float
+) -> None:
     cfg = MaskingConfig.sized(2, n, w, 1.0)
-    assert cfg.modulus_bits == bits and cfg.max_clients() >= n and cfg.scale >= 2.0**16 or bits == 64
+    assert (cfg.modulus_bits, cfg.scale) == (bits, scale)
     assert cfg.max_clients() >= n  # every roster member fits, whatever subset the server assembles
+    if bits == 64:  # 32 bits would have left less than the 2**16 precision floor (64 bits: float64 caps s at 2**36)
+        assert fixed_point_scale(n, w, 1.0, 32) < MIN_SCALE <= cfg.scale
+    else:
+        assert cfg.scale >= MIN_SCALE
 
 
 @given(st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=3), min_size=1, max_size=4))
@@ -179,28 +187,10 @@ def test_stored_state_rejects_tampering() -> None:
 # ------------------------------------------------------------------------------------------ runs over a grid
 
 
-@pytest.fixture(scope="module")
-def feature_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("secagg-feature-cache"))
-
-
 @pytest.fixture
-def config(tmp_path: Path, small_task: dict[str, Any], feature_cache: str) -> Callable[..., dict[str, Any]]:
-    def make(**extra: Any) -> dict[str, Any]:
-        return {
-            "runs-dir": str(tmp_path),
-            "run-name": "r",
-            "num-server-rounds": 1,
-            "seed": 11,
-            "num-clients": 3,
-            "method": "promptfl",
-            **small_task,
-            "cache-dir": feature_cache,
-            "secure-aggregation": "masking",
-            **extra,
-        }
-
-    return make
+def config(secagg_run_config: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Run configs of a small 3-client masking run (``tests/fedmpt/apps/conftest.py``)."""
+    return secagg_run_config
 
 
 def _stage(message: Message) -> str | None:
