@@ -1,19 +1,23 @@
 """DP-SGD for every trainable parameter of every method: Poisson sampling, joint clipping to C, noise z*C.
 
 Guarantee: record-level (example-level) (epsilon, delta)-DP of one client's local data under add/remove-one,
-for everything the client releases (its trainable state after local training), accounted with
-:mod:`privacy.accounting` over every step of every round the client trains in.
+for its trainable state after local training, accounted with :mod:`privacy.accounting` over every step of every
+round the client trains in. With a declared ``dataset_size`` N (the federated default) the sample rate, the
+number of steps, sigma and the divisor are functions of public configuration, so they reveal nothing about the
+site's record count ``n``; the Flower client (:mod:`fedmpt.apps.privacy_hooks`) sends nothing else computed from
+the data (:data:`PUBLIC_METRICS`).
 
-One DP-SGD step on a client holding ``n`` records, with sample rate ``q = expected_batch_size / n``:
+One DP-SGD step on a client holding ``n`` records, with sample rate ``q = expected_batch_size / N``:
 
-1. Poisson sampling: each record joins the batch independently with probability ``q`` (Opacus's
-   ``UniformWithReplacementSampler``, driven by a ``torch.Generator`` seeded from :mod:`secrets`); empty
-   batches are real steps (noise only) and are counted.
+1. Poisson sampling: each record joins the batch independently with probability ``q`` (random bits from the
+   operating system's CSPRNG, :mod:`privacy.noise`; a seeded ``torch.Generator`` when ``DPConfig.seed`` is set);
+   empty batches are real steps (noise only) and are counted.
 2. Per-sample gradients ``g_i`` of *all* trainable parameters jointly (prompt vectors, adapters, gate,
    biases), exact, by :mod:`privacy.per_sample` (``torch.func``), never by Opacus hooks (which get prompts
    pushed through a frozen text encoder wrong, silently).
 3. Clipping and noise by Opacus's ``DPOptimizer`` (flat clipping): ``g_i <- g_i min(1, C / ||g_i||)`` over the
-   concatenation of all released tensors, ``sum_i g_i + N(0, (z C)^2 I)``, divided by the expected batch size.
+   concatenation of all released tensors, ``sum_i g_i + N(0, (z C)^2 I)`` (noise from :mod:`privacy.noise`), divided by the expected batch size ``B``
+   (public: not the realised batch size).
 4. The optimizer step (SGD with the momentum and weight decay of :class:`~fedmpt.training.TrainConfig`):
    post-processing of the noisy gradient.
 
@@ -33,9 +37,9 @@ Two modes, identical accounting (``z``, ``q``, steps):
 
 Noise: ``noise_multiplier`` directly, or calibrated once for the whole run from ``target_epsilon``, ``delta``
 and ``rounds`` assuming (worst case) that the client trains in every round: total steps = ``rounds x
-steps_per_round``. ``delta < 1/n`` is enforced. Opacus's ``secure_mode`` (noise robust to floating-point
-attacks) needs ``torchcsprng``, which has no distribution for Python 3.11; it is unavailable and every
-update records ``secure_mode = 0``.
+steps_per_round``. ``delta < 1/N`` is enforced. Opacus's ``secure_mode`` needs ``torchcsprng``, which has no
+distribution for Python 3.11; :mod:`privacy.noise` provides the CSPRNG and the two-sample Gaussian instead, and
+every ledger entry records the noise source.
 """
 
 from __future__ import annotations
@@ -71,11 +75,14 @@ from privacy.accounting import (
     validate_noise_multiplier,
 )
 from privacy.errors import AccountingError, PrivacyParameterError
+from privacy.noise import NoiseSource, gaussian, poisson_mask
 from privacy.per_sample import PerSampleGradients, per_sample_gradients, prepare_for_dp, split_parameters
 
 __all__ = [
+    "PUBLIC_METRICS",
     "DPConfig",
     "DPMode",
+    "SamplingBasis",
     "GaussianRelease",
     "PlannedRelease",
     "dp_client_update",
@@ -112,16 +119,23 @@ class DPConfig:
         noise_multiplier: ``z > 0``; give either it or ``target_epsilon`` + ``rounds``.
         target_epsilon: whole-run epsilon at ``delta``; ``z`` is calibrated for ``rounds x steps_per_round``.
         rounds: number of federated rounds the calibration assumes the client trains in (worst case: all).
-        expected_batch_size: expected Poisson batch size (``q = expected_batch_size / n``); ``None`` uses
-            ``TrainConfig.batch_size``.
+        expected_batch_size: expected Poisson batch size ``B`` on a site of ``dataset_size`` records (``q = B /
+            dataset_size``); ``None`` uses ``TrainConfig.batch_size``. It is also the divisor of the noisy sum.
+        dataset_size: the declared, public per-site dataset-size bound ``N``. Set (the federated default),
+            ``q = B / N``, the steps per round, sigma and ``delta < 1/N`` are functions of public configuration
+            only, so nothing the site releases depends on its record count ``n`` (add/remove-one DP holds for
+            any ``n``; a site with ``n < N`` simply draws smaller batches). ``None``: ``q = B / n`` with the
+            site's own ``n``, which then leaks through ``q``, the steps and a calibrated sigma: the guarantee
+            holds only if ``n`` is public, and the ledger records ``sampling_basis = "local-count"``.
         mode: ``"feature"`` (default, see the module docstring) or ``"exact"``.
         accountant: ``"rdp"`` (default) or ``"prv"`` for the reported epsilon; ``pld`` (dp-accounting) is
             always computed as a cross-check. Calibration uses RDP, or PLD when ``accountant="prv"`` (PRV is
             not reliable enough to calibrate against).
         chunk_size: per-sample vjps run at once in the exact mode (memory ~ chunk_size x one text backward).
-        seed: ``None`` (default): sampling and noise generators seeded from :mod:`secrets`. An integer makes
-            runs reproducible and the noise predictable to anyone who knows it: tests and experiments only
-            (a warning is logged).
+        seed: ``None`` (default): Poisson sampling and Gaussian noise from the operating system's CSPRNG
+            (:mod:`privacy.noise`, ``os-urandom``). An integer seeds torch's generators instead (``torch-seeded``):
+            runs become reproducible and the noise predictable to anyone who knows the seed: tests and
+            experiments only (a warning is logged).
     """
 
     max_grad_norm: float = 1.0
@@ -130,6 +144,7 @@ class DPConfig:
     target_epsilon: float | None = None
     rounds: int | None = None
     expected_batch_size: int | None = None
+    dataset_size: int | None = None
     mode: DPMode | str = DPMode.FEATURE
     accountant: AccountantKind | str = AccountantKind.RDP
     chunk_size: int | None = 8
@@ -160,44 +175,70 @@ class DPConfig:
                     f"(got target_epsilon={self.target_epsilon!r}, rounds={self.rounds!r})"
                 )
             validate_epsilon(self.target_epsilon, name="target_epsilon")
-        for name in ("rounds", "expected_batch_size", "chunk_size"):
+        for name in ("rounds", "expected_batch_size", "dataset_size", "chunk_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise PrivacyParameterError(f"DPConfig.{name} must be an integer >= 1 or None, got {value!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise PrivacyParameterError(f"DPConfig.seed must be a non-negative integer or None, got {self.seed!r}")
+        if self.dataset_size is not None:
+            check_delta(self.delta, self.dataset_size)
+            if self.expected_batch_size is not None and self.expected_batch_size > self.dataset_size:
+                raise PrivacyParameterError(
+                    f"DPConfig.expected_batch_size={self.expected_batch_size} exceeds dataset_size="
+                    f"{self.dataset_size} (sample rate would be > 1)"
+                )
+
+    @property
+    def noise_source(self) -> NoiseSource:
+        """Where the sampling and noise randomness comes from: the CSPRNG unless a seed is set."""
+        return NoiseSource.OS_URANDOM if self.seed is None else NoiseSource.TORCH_SEEDED
+
+
+class SamplingBasis(StrEnum):
+    """What the sample rate is computed from: a declared dataset-size bound (public) or the site's own count."""
+
+    DECLARED_SIZE = "declared-size"
+    LOCAL_COUNT = "local-count"
 
 
 @dataclass(frozen=True)
 class PlannedRelease:
     """What one round of DP-SGD on a client will release, known before training (for budget checks).
 
-    ``event`` is the accounting event (``z``, ``q``, steps); ``expected_batch_size`` the Poisson mean.
+    ``event`` is the accounting event (``z``, ``q``, steps); ``expected_batch_size`` the divisor of the noisy
+    sum; ``basis`` what ``q`` was computed from (only ``declared-size`` makes every field independent of ``n``).
     """
 
     event: DpSgdEvent
     expected_batch_size: int
-    num_records: int
+    basis: SamplingBasis
 
 
 def plan_release(num_records: int, train_config: TrainConfig, dp_config: DPConfig) -> PlannedRelease:
-    """The ``(z, q, steps)`` of one round on ``num_records`` records, before any data is touched.
+    """The ``(z, q, steps)`` of one round, before any data is touched.
 
-    ``q = B / n`` with ``B`` the expected batch size; steps per round = ``local_epochs x floor(1/q)`` (Opacus's
-    Poisson "epoch", ``n / B`` batches on average), capped by ``max_steps``. ``z`` is given, or calibrated so
-    that ``rounds x steps`` steps spend at most ``target_epsilon`` (never overshoots; see
+    ``q = B / N`` with ``B`` the expected batch size and ``N`` the declared ``dataset_size`` (public: the plan
+    is the same for every ``num_records``), or ``N = num_records`` when no size is declared. Steps per round =
+    ``local_epochs x floor(1/q)`` (Opacus's Poisson "epoch"), capped by ``max_steps``. ``z`` is given, or
+    calibrated so that ``rounds x steps`` steps spend at most ``target_epsilon`` (never overshoots; see
     :func:`privacy.accounting.calibrate_noise_multiplier`). Raises :class:`PrivacyParameterError` when
-    ``delta >= 1/n`` or ``B > n``.
+    ``delta >= 1/N`` or ``B > N``.
     """
-    if isinstance(num_records, bool) or not isinstance(num_records, int) or num_records < 1:
-        raise PrivacyParameterError(f"num_records must be an integer >= 1, got {num_records!r}")
-    check_delta(dp_config.delta, num_records)
+    if isinstance(num_records, bool) or not isinstance(num_records, int) or num_records < 0:
+        raise PrivacyParameterError(f"num_records must be an integer >= 0, got {num_records!r}")
+    declared = dp_config.dataset_size is not None
+    size = dp_config.dataset_size if dp_config.dataset_size is not None else num_records
+    if size < 1:
+        raise PrivacyParameterError("a site with no records and no declared DPConfig.dataset_size cannot train")
+    check_delta(dp_config.delta, size)
     batch = dp_config.expected_batch_size or train_config.batch_size
-    if batch > num_records:
+    if batch > size:
+        where = f"the declared dataset_size={size}" if declared else f"the client's {size} records"
         raise PrivacyParameterError(
-            f"expected_batch_size={batch} exceeds the client's {num_records} records (sample rate would be > 1)"
+            f"expected_batch_size={batch} exceeds {where} (sample rate would be > 1); lower the expected batch size"
         )
-    q = batch / num_records
+    q = batch / size
     steps = train_config.local_epochs * max(1, int(1.0 / q))
     if train_config.max_steps is not None:
         steps = min(steps, train_config.max_steps)
@@ -209,7 +250,8 @@ def plan_release(num_records: int, train_config: TrainConfig, dp_config: DPConfi
         sigma = calibrate_noise_multiplier(
             dp_config.target_epsilon, dp_config.delta, q, dp_config.rounds * steps, accountant=calibrator
         )
-    return PlannedRelease(DpSgdEvent(sigma, q, steps), batch, num_records)
+    basis = SamplingBasis.DECLARED_SIZE if declared else SamplingBasis.LOCAL_COUNT
+    return PlannedRelease(DpSgdEvent(sigma, q, steps), batch, basis)
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -217,11 +259,18 @@ def make_generator(seed: int | None) -> torch.Generator:
     return torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
 
 
-def poisson_batches(num_records: int, sample_rate: float, steps: int, generator: torch.Generator) -> Iterator[Tensor]:
+def poisson_batches(
+    num_records: int, sample_rate: float, steps: int, generator: torch.Generator | None
+) -> Iterator[Tensor]:
     """``steps`` Poisson batches of row indices (each row in each batch independently with prob. ``q``).
 
-    Opacus's ``UniformWithReplacementSampler``; batches may be empty.
+    From the CSPRNG when ``generator`` is None (:func:`privacy.noise.poisson_mask`), else Opacus's
+    ``UniformWithReplacementSampler`` on ``generator``; batches may be empty.
     """
+    if generator is None:
+        for _ in range(steps):
+            yield poisson_mask(num_records, sample_rate, None)
+        return
     sampler = UniformWithReplacementSampler(
         num_samples=num_records, sample_rate=sample_rate, generator=generator, steps=steps
     )
@@ -236,10 +285,11 @@ class GaussianRelease:
 
         (sum_i g_i min(1, C / (||g_i|| + 1e-6)) + N(0, (z C)^2 I)) / expected_batch_size
 
-    where ``||g_i||`` is the norm of row ``i`` over *all* named tensors together (flat clipping). The work is
-    Opacus's (``clip_and_accumulate``, ``add_noise``, ``scale_grad``) on private leaf tensors that only carry
-    the per-sample gradients (``grad_sample``), so the computation of the per-sample gradients stays ours.
-    ``noise_multiplier = 0`` is allowed here for tests (no privacy).
+    where ``||g_i||`` is the norm of row ``i`` over *all* named tensors together (flat clipping). Clipping,
+    summing and scaling are Opacus's (``clip_and_accumulate``, ``scale_grad``) on private leaf tensors that
+    only carry the per-sample gradients (``grad_sample``), so the computation of the per-sample gradients stays
+    ours. The noise is :func:`privacy.noise.gaussian`: from the CSPRNG when ``generator`` is None, else from
+    ``generator`` (reproducible; tests). ``noise_multiplier = 0`` is allowed here for tests (no privacy).
     """
 
     def __init__(
@@ -249,7 +299,7 @@ class GaussianRelease:
         noise_multiplier: float,
         max_grad_norm: float,
         expected_batch_size: int,
-        generator: torch.Generator,
+        generator: torch.Generator | None,
     ) -> None:
         if not shapes:
             raise PrivacyParameterError("GaussianRelease needs at least one tensor to release")
@@ -258,20 +308,22 @@ class GaussianRelease:
         validate_epsilon(max_grad_norm, name="max_grad_norm")
         self.names = tuple(shapes)
         self._slots = [nn.Parameter(torch.zeros(tuple(shapes[n]))) for n in self.names]
+        self._noise_std = float(noise_multiplier) * float(max_grad_norm)
+        self._batch = int(expected_batch_size)
+        self._generator = generator
         self._optimizer = DPOptimizer(
-            torch.optim.SGD(self._slots, lr=0.0),  # never stepped: only pre_step's clip/noise/scale is used
-            noise_multiplier=noise_multiplier,
+            torch.optim.SGD(self._slots, lr=0.0),  # never stepped: only pre_step's clip/sum/scale is used
+            noise_multiplier=0.0,  # the noise is added by release(), from privacy.noise
             max_grad_norm=max_grad_norm,
             expected_batch_size=expected_batch_size,
             loss_reduction="mean",
-            generator=generator,
             secure_mode=False,
         )
 
     @property
     def noise_std(self) -> float:
         """Standard deviation ``z C`` of the noise added to the clipped sum."""
-        return float(self._optimizer.noise_multiplier * self._optimizer.max_grad_norm)
+        return self._noise_std
 
     def release(self, per_sample: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Clip, sum, noise and average ``per_sample`` (see the class docstring)."""
@@ -293,8 +345,9 @@ class GaussianRelease:
         self._optimizer.pre_step()
         out: dict[str, Tensor] = {}
         for name, slot in zip(self.names, self._slots, strict=True):
-            assert slot.grad is not None  # set by DPOptimizer.add_noise
-            out[name] = slot.grad.detach().clone()
+            assert slot.grad is not None  # the clipped sum / B, set by DPOptimizer.pre_step
+            noise = gaussian(slot.shape, self._noise_std, self._generator) if self._noise_std else 0.0
+            out[name] = slot.grad.detach() + noise / self._batch
         return out
 
 
@@ -365,7 +418,9 @@ def dp_client_update(
     Metrics: ``loss`` (mean per-sample loss of the sampled records), ``steps``, ``noise_multiplier``,
     ``sample_rate``, ``mean_batch_size``, ``empty_batches``, ``clipped_fraction``, ``epsilon`` (the configured
     accountant), ``epsilon_pld`` (cross-check), ``secure_mode`` (always 0.0: unavailable on Python 3.11) and
-    ``seconds``.
+    ``seconds``. Only the :data:`PUBLIC_METRICS` are functions of public configuration and the ledger; the
+    others (loss, batch sizes, clipped fraction, time) are computed from the data without noise and must not
+    leave the site (the Flower client sends only :data:`PUBLIC_METRICS`).
     """
     if len(data) == 0:
         raise PrivacyParameterError("dp_client_update got an empty dataset")
@@ -384,7 +439,7 @@ def dp_client_update(
         seeds = np.random.SeedSequence(dp_config.seed).generate_state(2)
         sampling_gen, noise_gen = make_generator(int(seeds[0])), make_generator(int(seeds[1]))
     else:
-        sampling_gen, noise_gen = make_generator(None), make_generator(None)
+        sampling_gen, noise_gen = None, None  # the CSPRNG (privacy.noise)
     release = GaussianRelease(
         release_shapes(method, mode),
         noise_multiplier=event.noise_multiplier,
@@ -441,6 +496,11 @@ def dp_client_update(
         "seconds": time.perf_counter() - start,
     }
     return ClientUpdate(method.trainable_state(), len(data), metrics), event
+
+
+#: Metrics of :func:`dp_client_update` that depend only on public configuration and the node's ledger (with a
+#: declared ``dataset_size``): the only ones a site may release.
+PUBLIC_METRICS = ("steps", "noise_multiplier", "sample_rate", "max_grad_norm", "epsilon", "epsilon_pld", "delta")
 
 
 def _epsilon_or_nan(history: list[DpSgdEvent], delta: float, accountant: AccountantKind | str) -> float:
