@@ -15,9 +15,9 @@ One DP-SGD step on a client holding ``n`` records, with sample rate ``q = expect
 2. Per-sample gradients ``g_i`` of *all* trainable parameters jointly (prompt vectors, adapters, gate,
    biases), exact, by :mod:`privacy.per_sample` (``torch.func``), never by Opacus hooks (which get prompts
    pushed through a frozen text encoder wrong, silently).
-3. Clipping and noise by Opacus's ``DPOptimizer`` (flat clipping): ``g_i <- g_i min(1, C / ||g_i||)`` over the
-   concatenation of all released tensors, ``sum_i g_i + N(0, (z C)^2 I)`` (noise from :mod:`privacy.noise`), divided by the expected batch size ``B``
-   (public: not the realised batch size).
+3. Clipping by Opacus's ``DPOptimizer`` (flat clipping): ``g_i <- g_i min(1, C / ||g_i||)`` over the
+   concatenation of all released tensors, then ``sum_i g_i + N(0, (z C)^2 I)`` (noise from
+   :mod:`privacy.noise`), divided by the expected batch size ``B`` (public: not the realised batch size).
 4. The optimizer step (SGD with the momentum and weight decay of :class:`~fedmpt.training.TrainConfig`):
    post-processing of the noisy gradient.
 
@@ -75,6 +75,7 @@ from privacy.accounting import (
     validate_noise_multiplier,
 )
 from privacy.errors import AccountingError, PrivacyParameterError
+from privacy.ledger import SamplingBasis
 from privacy.noise import NoiseSource, gaussian, poisson_mask
 from privacy.per_sample import PerSampleGradients, per_sample_gradients, prepare_for_dp, split_parameters
 
@@ -193,13 +194,6 @@ class DPConfig:
     def noise_source(self) -> NoiseSource:
         """Where the sampling and noise randomness comes from: the CSPRNG unless a seed is set."""
         return NoiseSource.OS_URANDOM if self.seed is None else NoiseSource.TORCH_SEEDED
-
-
-class SamplingBasis(StrEnum):
-    """What the sample rate is computed from: a declared dataset-size bound (public) or the site's own count."""
-
-    DECLARED_SIZE = "declared-size"
-    LOCAL_COUNT = "local-count"
 
 
 @dataclass(frozen=True)

@@ -69,11 +69,12 @@ from privacy.accounting import (
     validate_steps,
 )
 from privacy.errors import IdentityError, LedgerError, PrivacyParameterError
+from privacy.noise import NoiseSource
 from secagg.keys import Identity, Roster, check_node_id, public_bytes
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: ``prev_hash`` of the first entry of every chain.
 GENESIS_HASH = "0" * 64
 #: PLD discretisation used for the ledger's ``epsilon_pld`` unless told otherwise; recorded in each entry.
@@ -85,9 +86,15 @@ RDP_REPLAY_RTOL = 1e-9
 #: 1e-6 absorbs FFT rounding differences between machines while still catching any change to the history.
 PLD_REPLAY_RTOL = 1e-6
 SECURE_MODE_REASON = (
-    "Opacus secure_mode needs torchcsprng, which has no installable build for Python 3.11; DP noise comes "
-    "from torch's default generator, so the floating-point and PRNG mitigations of secure_mode are absent"
+    "Opacus secure_mode needs torchcsprng, which has no installable build for Python 3.11; noise_source says "
+    "where the noise came from (os-urandom: the OS CSPRNG with a two-sample Gaussian, privacy.noise); no "
+    "discrete-Gaussian defence against floating-point attacks"
 )
+#: The unit of privacy and the neighbouring relation every entry is accounted under.
+PRIVACY_UNIT = "record"
+NEIGHBOURING_RELATION = "add-remove-one"
+#: ``update_commitment`` of an entry that commits to no update (library use outside a federation).
+NO_COMMITMENT = ""
 
 _ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -108,6 +115,18 @@ class Sampling(StrEnum):
     """Batch sampling scheme the accounting assumes; only Poisson sampling is accounted for."""
 
     POISSON = "poisson"
+
+
+class SamplingBasis(StrEnum):
+    """What ``sample_rate`` was computed from (:func:`privacy.dpsgd.plan_release`).
+
+    ``declared-size``: a public dataset-size bound, so ``sample_rate``, ``steps`` and ``noise_multiplier`` say
+    nothing about the site's record count. ``local-count``: the site's own ``n``; the add/remove-one guarantee
+    then holds only if ``n`` is public (:func:`verify_ledger` flags every such entry).
+    """
+
+    DECLARED_SIZE = "declared-size"
+    LOCAL_COUNT = "local-count"
 
 
 def _check_identifier(value: object, name: str) -> str:
@@ -135,6 +154,16 @@ class Release:
         delta: the delta epsilon is reported at (constant over a node's chain).
         transport_protection: how the update travels (``none``, ``masking``, ``ckks``).
         sampling: batch sampling assumed by the accountant (only ``poisson``).
+        sampling_basis: ``declared-size`` (``q`` from a public size bound) or ``local-count`` (from ``n``).
+        declared_dataset_size: the public bound ``N`` behind ``q`` (0 with ``local-count``).
+        dp_mode: where per-sample gradients were clipped (``feature`` or ``exact``).
+        noise_source: ``os-urandom`` or ``torch-seeded``.
+        update_commitment: SHA-256 (hex) of a secret 32-byte nonce followed by the released update's bytes
+            (:func:`update_commitment`): binds the entry to the update without revealing it; the site keeps the
+            nonce and can open the commitment to an auditor. :data:`NO_COMMITMENT` for none.
+        dataset_fingerprint: SHA-256 (hex) naming the site's dataset (the site ledger is keyed by it), or "".
+        timestamp: UTC time to record (ISO 8601, ``Z``); None records the time of the append. A site records
+            the time it received the round, so the timestamp carries no training time.
     """
 
     run_id: str
@@ -145,6 +174,13 @@ class Release:
     delta: float
     transport_protection: TransportProtection = TransportProtection.NONE
     sampling: Sampling = Sampling.POISSON
+    sampling_basis: SamplingBasis = SamplingBasis.LOCAL_COUNT
+    declared_dataset_size: int = 0
+    dp_mode: str = "feature"
+    noise_source: NoiseSource = NoiseSource.OS_URANDOM
+    update_commitment: str = NO_COMMITMENT
+    dataset_fingerprint: str = ""
+    timestamp: str | None = None
 
     def __post_init__(self) -> None:
         _check_identifier(self.run_id, "run_id")
@@ -165,6 +201,22 @@ class Release:
             object.__setattr__(self, "sampling", Sampling(self.sampling))
         except ValueError:
             raise PrivacyParameterError(f"sampling must be 'poisson', got {self.sampling!r}") from None
+        try:
+            object.__setattr__(self, "sampling_basis", SamplingBasis(self.sampling_basis))
+            object.__setattr__(self, "noise_source", NoiseSource(self.noise_source))
+        except ValueError as err:
+            raise PrivacyParameterError(f"release: {err}") from None
+        size = validate_steps(self.declared_dataset_size, name="declared_dataset_size")
+        if (size > 0) != (self.sampling_basis is SamplingBasis.DECLARED_SIZE):
+            raise PrivacyParameterError(
+                f"declared_dataset_size={size} contradicts sampling_basis={self.sampling_basis.value!r}"
+            )
+        if self.dp_mode not in ("feature", "exact"):
+            raise PrivacyParameterError(f"dp_mode must be 'feature' or 'exact', got {self.dp_mode!r}")
+        for name in ("update_commitment", "dataset_fingerprint"):
+            value = getattr(self, name)
+            if value and (not isinstance(value, str) or _HEX64.fullmatch(value) is None):
+                raise PrivacyParameterError(f"{name} must be 64 lower-case hex digits or empty, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -209,6 +261,14 @@ class LedgerEntry:
     accountant: str
     pld_value_discretization: float
     sampling: str
+    sampling_basis: str
+    declared_dataset_size: int
+    privacy_unit: str
+    neighbouring_relation: str
+    dp_mode: str
+    noise_source: str
+    update_commitment: str
+    dataset_fingerprint: str
     transport_protection: str
     secure_mode: bool
     secure_mode_reason: str
@@ -291,7 +351,7 @@ class LedgerEntry:
         return cls(**data)
 
 
-_INT_FIELDS = {"schema_version", "seq", "round", "steps"}
+_INT_FIELDS = {"schema_version", "seq", "round", "steps", "declared_dataset_size"}
 _FLOAT_FIELDS = {
     "sample_rate",
     "noise_multiplier",
@@ -306,6 +366,13 @@ _STR_FIELDS = {
     "node_id",
     "accountant",
     "sampling",
+    "sampling_basis",
+    "privacy_unit",
+    "neighbouring_relation",
+    "dp_mode",
+    "noise_source",
+    "update_commitment",
+    "dataset_fingerprint",
     "transport_protection",
     "secure_mode_reason",
     "timestamp",
@@ -330,6 +397,8 @@ def _check_type(name: str, value: object) -> None:
     if not ok:
         raise LedgerError(f"entry field {name!r} has the wrong type: {value!r}")
     patterns = {"prev_hash": _HEX64, "public_key": _HEX64, "signature": _HEX128, "key_id": _KEY_ID}
+    if name in ("update_commitment", "dataset_fingerprint") and value:
+        patterns[name] = _HEX64
     if name in patterns and patterns[name].fullmatch(str(value)) is None:
         raise LedgerError(f"entry field {name!r} is not in canonical form: {value!r}")
     if name == "public_key":
@@ -485,7 +554,30 @@ def _append_lines(path: Path, lines: list[bytes], expected_size: int) -> int:
 # Node ledger
 
 
-def _utc_timestamp() -> str:
+def update_commitment(nonce: bytes, arrays: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of ``nonce`` and the arrays ``{name: numpy array}`` in a canonical byte form.
+
+    Names in sorted order, each as its UTF-8 length and bytes, then the array's dtype string, shape and
+    little-endian C-order bytes. With a secret 32-byte ``nonce`` this is a hiding, binding commitment: the
+    entry can name the released update without revealing it, and whoever gets the nonce can check it.
+    """
+    import numpy as np
+
+    if not isinstance(nonce, bytes) or len(nonce) != 32:
+        raise PrivacyParameterError("update commitment nonce must be 32 bytes")
+    digest = hashlib.sha256(nonce)
+    for name in sorted(arrays):
+        value = np.ascontiguousarray(np.asarray(arrays[name]))
+        value = value.astype(value.dtype.newbyteorder("<"), copy=False)
+        encoded = name.encode("utf-8")
+        digest.update(len(encoded).to_bytes(4, "big") + encoded)
+        header = f"{value.dtype.str}|{','.join(str(d) for d in value.shape)}".encode()
+        digest.update(len(header).to_bytes(4, "big") + header)
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def utc_timestamp() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
@@ -632,11 +724,19 @@ class Ledger:
             accountant=AccountantKind.RDP.value,
             pld_value_discretization=self._pld_interval,
             sampling=release.sampling.value,
+            sampling_basis=release.sampling_basis.value,
+            declared_dataset_size=release.declared_dataset_size,
+            privacy_unit=PRIVACY_UNIT,
+            neighbouring_relation=NEIGHBOURING_RELATION,
+            dp_mode=release.dp_mode,
+            noise_source=release.noise_source.value,
+            update_commitment=release.update_commitment,
+            dataset_fingerprint=release.dataset_fingerprint,
             transport_protection=release.transport_protection.value,
             secure_mode=False,
             secure_mode_reason=SECURE_MODE_REASON,
             versions=_library_versions(),
-            timestamp=_utc_timestamp(),
+            timestamp=release.timestamp or utc_timestamp(),
             prev_hash=previous.entry_hash() if previous else GENESIS_HASH,
             key_id=self._key_id,
             public_key=self._public_hex,
@@ -822,11 +922,24 @@ def _check_entry(entry: LedgerEntry, state: _NodeState, rdp_rtol: float, pld_rto
         first, last = state.entries[0], state.entries[-1]
         if entry.round < last.round:
             return f"round {entry.round} is before the previous entry's round {last.round}"
-        for name in ("run_id", "delta", "pld_value_discretization"):
+        for name in ("run_id", "delta", "pld_value_discretization", "dataset_fingerprint"):
             if getattr(entry, name) != getattr(first, name):
                 return f"{name} changed from {getattr(first, name)!r} to {getattr(entry, name)!r}"
     if entry.sampling != Sampling.POISSON.value:
         return f"sampling {entry.sampling!r} is not accounted for (only 'poisson')"
+    if entry.privacy_unit != PRIVACY_UNIT or entry.neighbouring_relation != NEIGHBOURING_RELATION:
+        return (
+            f"accounted as {entry.privacy_unit!r}/{entry.neighbouring_relation!r}; this verifier replays only "
+            f"{PRIVACY_UNIT!r}/{NEIGHBOURING_RELATION!r}"
+        )
+    for name, allowed in (
+        ("sampling_basis", SamplingBasis),
+        ("noise_source", NoiseSource),
+    ):
+        if getattr(entry, name) not in {v.value for v in allowed}:
+            return f"unknown {name} {getattr(entry, name)!r}"
+    if (entry.declared_dataset_size > 0) != (entry.sampling_basis == SamplingBasis.DECLARED_SIZE.value):
+        return f"declared_dataset_size={entry.declared_dataset_size} contradicts sampling_basis"
     if entry.transport_protection not in {t.value for t in TransportProtection}:
         return f"unknown transport_protection {entry.transport_protection!r}"
     try:
@@ -931,7 +1044,13 @@ __all__ = [
     "TransportProtection",
     "VerificationFailure",
     "VerificationReport",
+    "NEIGHBOURING_RELATION",
+    "NO_COMMITMENT",
+    "PRIVACY_UNIT",
+    "SamplingBasis",
     "canonical_json_bytes",
+    "update_commitment",
+    "utc_timestamp",
     "key_id_of",
     "ledger_node_id",
     "merge_node_entries",
