@@ -313,6 +313,7 @@ class PrivacyAccountant:
         return len(self._history)
 
 
+@lru_cache(maxsize=256)  # deterministic; every DP message of a run asks for the same calibration
 def calibrate_noise_multiplier(
     target_epsilon: float,
     delta: float,

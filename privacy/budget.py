@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from privacy.accounting import (
     AccountantKind,
@@ -28,7 +29,16 @@ from privacy.accounting import (
     validate_epsilon,
 )
 from privacy.errors import BudgetExhausted, PrivacyParameterError
-from privacy.ledger import Ledger, LedgerEntry, Release
+from privacy.ledger import LedgerEntry, Release
+
+
+class ReleaseRecord(Protocol):
+    """What a budget guards: a history to compose onto and an append-only record (a ``Ledger`` or a
+    :class:`privacy.site.SiteLedger`, whose history spans every run on the site's dataset)."""
+
+    def history(self) -> tuple[DpSgdEvent, ...]: ...
+
+    def append(self, release: Release) -> LedgerEntry: ...
 
 
 @dataclass(frozen=True)
@@ -59,7 +69,7 @@ class PrivacyBudget:
         """True if composing ``next_event`` onto ``history`` takes epsilon strictly above ``max_epsilon``."""
         return self.epsilon_after(history, next_event) > self.max_epsilon
 
-    def _guard(self, ledger: Ledger, release: Release) -> None:
+    def _guard(self, ledger: ReleaseRecord, release: Release) -> None:
         if release.delta != self.delta:
             raise PrivacyParameterError(
                 f"release delta={release.delta!r} differs from the budget's delta={self.delta!r}"
@@ -75,11 +85,11 @@ class PrivacyBudget:
                 accountant=self.accountant.value,
             )
 
-    def check(self, ledger: Ledger, release: Release) -> None:
+    def check(self, ledger: ReleaseRecord, release: Release) -> None:
         """Step 1: before training, raise :class:`BudgetExhausted` if ``release`` would exceed the budget."""
         self._guard(ledger, release)
 
-    def charge(self, ledger: Ledger, release: Release) -> LedgerEntry:
+    def charge(self, ledger: ReleaseRecord, release: Release) -> LedgerEntry:
         """Step 3: re-check, then append ``release`` to ``ledger`` (signed, fsynced); call before sending.
 
         Raises :class:`BudgetExhausted` without writing anything if the budget would be exceeded (e.g. the

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedmpt.apps.privacy_hooks import PRIVACY_DEFAULTS, PrivacyRunConfig, privacy_config_from
+from fedmpt.apps.privacy_hooks import PRIVACY_DEFAULTS, PrivacyRunConfig, planned_event, privacy_config_from
 from fedmpt.apps.run_config import from_run_config, run_config_defaults
 from fedmpt.apps.secagg_config import SECAGG_DEFAULTS, SecureAggregationConfig, secure_aggregation_config_from
 from fedmpt.apps.task import TASK_DEFAULTS, TaskConfig, task_config_from
@@ -119,6 +119,8 @@ def read_app_config(run_config: Mapping[str, Any]) -> AppConfig:
     task = task_config_from({k: resolved[k] for k in TASK_DEFAULTS})
     privacy = privacy_config_from({k: resolved[k] for k in PRIVACY_DEFAULTS})
     secure = secure_aggregation_config_from({k: resolved[k] for k in SECAGG_DEFAULTS})
+    if privacy.dp:  # the public per-round release; a bad delta / dp-dataset-size / batch size fails here
+        planned_event(privacy, task, federation.num_server_rounds)
     return AppConfig(federation=federation, task=task, resolved=resolved, privacy=privacy, secure_aggregation=secure)
 
 

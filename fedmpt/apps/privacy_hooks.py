@@ -38,8 +38,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -52,21 +54,27 @@ from numpy.typing import NDArray
 from fedmpt.apps import task
 from fedmpt.apps.grid import GridProxy
 from fedmpt.apps.kit import Kit, node_kit_dir
+from fedmpt.apps.messages import Key, RecordName, from_array_record
 from fedmpt.apps.run_config import from_run_config, run_config_defaults
+from fedmpt.apps.secagg_config import Stage
 from fedmpt.errors import ConfigError
 from privacy.accounting import AccountantKind, DpSgdEvent, PrivacyAccountant, epsilon_pld, epsilon_rdp
 from privacy.budget import PrivacyBudget
-from privacy.dpsgd import DPConfig, DPMode, dp_client_update, plan_release
-from privacy.errors import BudgetExhausted, LedgerError, PrivacyError
+from privacy.dpsgd import PUBLIC_METRICS, DPConfig, DPMode, dp_client_update, plan_release
+from privacy.errors import BudgetExhausted, LedgerError, PrivacyError, PrivacyParameterError
 from privacy.ledger import (
     Ledger,
     LedgerEntry,
     Release,
+    SamplingBasis,
     TransportProtection,
     merge_node_entries,
     public_key_to_hex,
     roster_keys,
+    update_commitment,
+    utc_timestamp,
 )
+from privacy.site import DEFAULT_MAX_EPSILON, SiteLedger, dataset_fingerprint
 from secagg.keys import Identity, Roster
 
 logger = logging.getLogger("flwr.fedmpt.privacy")
@@ -76,6 +84,8 @@ PRIVACY_RECORD = "privacy"
 ACCOUNTANT_STATE = "privacy-accountant"
 #: Error code of a reply the server rejects because its ledger entries do not verify.
 LEDGER_REJECTED_CODE = 4201
+#: The FedAvg weight of every DP reply: a site's record count is private, so under DP the average is uniform.
+UNIFORM_WEIGHT = 1
 
 
 class PrivacyKey(StrEnum):
@@ -86,6 +96,8 @@ class PrivacyKey(StrEnum):
     ENTRIES = "ledger-entries"
     EPSILON_RDP = "epsilon-rdp"
     REQUESTED_EPSILON = "requested-epsilon"
+    SITE_EPSILON_RDP = "site-epsilon-rdp"
+    UPDATE_NONCE = "update-nonce"
     MAX_EPSILON = "max-epsilon"
     HISTORY = "history"
 
@@ -113,9 +125,12 @@ class PrivacyRunConfig:
 
     ``noise_multiplier = 0`` calibrates sigma from ``target_epsilon`` at ``delta`` for ``num-server-rounds``
     rounds of local steps, assuming (worst case) the node trains every round. ``expected_batch_size = 0`` uses
-    ``batch-size``. ``max_epsilon = 0`` sets no per-node budget (a node config ``max-epsilon`` may set one).
-    ``ledger_dir = ""`` puts node ledgers under ``<runs-dir>/<run-name>/nodes``. ``delta < 1/n_k`` is checked on
-    each node, where its record count ``n_k`` is known.
+    ``batch-size``. ``dataset_size`` (``dp-dataset-size``) is the declared, public per-site dataset-size bound
+    ``N``: ``q = B / N``, the steps per round and sigma depend on it and never on a site's own count; 0 uses
+    ``train-per-client``. ``delta < 1/N`` is checked at start-up. ``max_epsilon`` (> 0) is the budget the run asks
+    for; a site enforces the smaller of it and its own (node config ``max-epsilon``, default
+    :data:`privacy.site.DEFAULT_MAX_EPSILON`), over every run on its dataset. ``ledger_dir = ""`` keeps site
+    ledgers under ``<runs-dir>/site-ledgers`` (a node config ``ledger-dir`` wins: a site's ledger is its own).
     """
 
     dp: bool = False
@@ -125,8 +140,9 @@ class PrivacyRunConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     expected_batch_size: int = 0
+    dp_dataset_size: int = 0
     accountant: str = AccountantKind.RDP.value
-    max_epsilon: float = 0.0
+    max_epsilon: float = DEFAULT_MAX_EPSILON
     ledger_dir: str = ""
 
     def __post_init__(self) -> None:
@@ -137,20 +153,36 @@ class PrivacyRunConfig:
         _number("noise-multiplier", self.noise_multiplier, strict=False)
         _number("target-epsilon", self.target_epsilon, strict=True)
         _number("max-grad-norm", self.max_grad_norm, strict=True)
-        _number("max-epsilon", self.max_epsilon, strict=False)
+        _number("max-epsilon", self.max_epsilon, strict=True)
         if not _is_number(self.delta) or not 0.0 < float(self.delta) < 1.0:
             raise ConfigError(f"run config 'delta' must be a number in (0, 1), got {self.delta!r}")
         batch = self.expected_batch_size
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
             raise ConfigError(f"run config 'expected-batch-size' must be an integer >= 0, got {batch!r}")
+        size = self.dp_dataset_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ConfigError(f"run config 'dp-dataset-size' must be an integer >= 0, got {size!r}")
         if self.accountant not in (AccountantKind.RDP.value, AccountantKind.PRV.value):
             raise ConfigError(f"run config 'accountant' must be 'rdp' or 'prv', got {self.accountant!r}")
         if not isinstance(self.ledger_dir, str):
             raise ConfigError(f"run config 'ledger-dir' must be a path string, got {self.ledger_dir!r}")
 
-    def dp_config(self, rounds: int) -> DPConfig:
-        """The library's :class:`~privacy.dpsgd.DPConfig`: sigma given, or calibrated for ``rounds`` rounds."""
+    def dp_config(self, rounds: int, default_dataset_size: int) -> DPConfig:
+        """The library's :class:`~privacy.dpsgd.DPConfig`: sigma given, or calibrated for ``rounds`` rounds, with
+        the declared dataset size (``dp-dataset-size``, else ``default_dataset_size``: ``train-per-client``).
+
+        Raises :class:`ConfigError` naming the keys when ``delta >= 1/N`` or the expected batch exceeds ``N``."""
         calibrate = self.noise_multiplier == 0.0
+        size = self.dp_dataset_size or default_dataset_size
+        try:
+            return self._dp_config(rounds, size, calibrate)
+        except PrivacyParameterError as err:
+            raise ConfigError(
+                f"DP settings do not fit the declared per-site dataset size N={size}: {err} (run config keys "
+                "'dp-dataset-size', 'expected-batch-size' / 'batch-size', 'delta')"
+            ) from err
+
+    def _dp_config(self, rounds: int, size: int, calibrate: bool) -> DPConfig:
         return DPConfig(
             max_grad_norm=float(self.max_grad_norm),
             delta=float(self.delta),
@@ -158,6 +190,7 @@ class PrivacyRunConfig:
             target_epsilon=float(self.target_epsilon) if calibrate else None,
             rounds=rounds if calibrate else None,
             expected_batch_size=self.expected_batch_size or None,
+            dataset_size=size,
             mode=self.dp_mode,
             accountant=self.accountant,
         )
@@ -181,6 +214,18 @@ def privacy_config_from(values: Mapping[str, Any]) -> PrivacyRunConfig:
     return from_run_config(PrivacyRunConfig, values)
 
 
+def planned_event(privacy: PrivacyRunConfig, task_config: task.TaskConfig, num_rounds: int) -> DpSgdEvent:
+    """The release every site makes in a round, ``(sigma, q, steps)``: a function of public configuration only.
+
+    The server computes it at start-up (a bad combination of ``delta``, ``dp-dataset-size`` and the batch size
+    fails there, naming the keys) and refuses any trained entry that records another one."""
+    dp_config = privacy.dp_config(num_rounds, task_config.train_per_client)
+    try:
+        return plan_release(0, task.train_config(task_config, 0), dp_config).event
+    except PrivacyParameterError as err:
+        raise ConfigError(f"DP settings: {err} (run config keys 'dp-dataset-size', 'batch-size')") from err
+
+
 def transport_protection(run_config: Mapping[str, Any]) -> TransportProtection:
     """How updates travel, from the ``secure-aggregation`` run-config key (absent or "none": unprotected)."""
     value = str(run_config.get("secure-aggregation", "none") or "none").lower()
@@ -194,16 +239,25 @@ def transport_protection(run_config: Mapping[str, Any]) -> TransportProtection:
 # Client side
 
 
-def node_ledger_path(ledger_root: Path, partition_id: int) -> Path:
-    """``<ledger_root>/node-<k>/epsilon_ledger.jsonl``: node k's own ledger."""
-    return ledger_root / f"node-{partition_id}" / RunLedgerFile.LEDGER.value
+#: Folder of the site ledgers under ``runs-dir`` when neither the node nor the run names one (the simulation).
+SITE_LEDGERS_DIR = "site-ledgers"
 
 
-def ledger_root(privacy: PrivacyRunConfig, runs_dir: Path, run_name: str, flower_run_id: int) -> Path:
-    """The folder of the node ledgers: ``ledger-dir``, else ``<runs-dir>/<run-name>/nodes``."""
-    if privacy.ledger_dir:
-        return Path(privacy.ledger_dir).expanduser()
-    return runs_dir / (run_name or f"flower-run-{flower_run_id}") / "nodes"
+def ledger_root(privacy: PrivacyRunConfig, node_config: Mapping[str, Any], runs_dir: Path) -> Path:
+    """The site's ledger folder: node config ``ledger-dir`` (the site's own), else run config ``ledger-dir``,
+    else ``<runs-dir>/site-ledgers``; chains are filed under it by dataset fingerprint (:mod:`privacy.site`)."""
+    value = node_config.get("ledger-dir", "") or privacy.ledger_dir
+    if not isinstance(value, str):
+        raise ConfigError(f"node config 'ledger-dir' must be a path string, got {value!r}")
+    return Path(value).expanduser() if value else runs_dir / SITE_LEDGERS_DIR
+
+
+def site_fingerprint(node_config: Mapping[str, Any], data: task.ClientData) -> str:
+    """The site's dataset fingerprint: of node config ``dataset-id`` when set, else of its training records."""
+    dataset_id = node_config.get("dataset-id", "")
+    if not isinstance(dataset_id, str):
+        raise ConfigError(f"node config 'dataset-id' must be a string, got {dataset_id!r}")
+    return dataset_fingerprint(data.train, dataset_id=dataset_id)
 
 
 def node_identity(
@@ -226,14 +280,15 @@ def node_identity(
     return Kit.load(node_kit_dir(node_config, key_dir, str(runs_dir), run_name)).identity(partition_id)
 
 
-def node_budget(privacy: PrivacyRunConfig, node_config: Mapping[str, Any]) -> PrivacyBudget | None:
-    """The node's budget: node config ``max-epsilon`` (a per-site budget) wins over the run config's; 0 = none."""
-    value = node_config.get("max-epsilon", privacy.max_epsilon)
-    if not _is_number(value) or float(value) < 0.0:
-        raise ConfigError(f"node config 'max-epsilon' must be a finite number >= 0, got {value!r}")
-    if float(value) == 0.0:
-        return None
-    return PrivacyBudget(max_epsilon=float(value), delta=float(privacy.delta), accountant=AccountantKind.RDP)
+def node_budget(privacy: PrivacyRunConfig, node_config: Mapping[str, Any]) -> PrivacyBudget:
+    """The site's budget over every run on its dataset: the smaller of its own (node config ``max-epsilon``,
+    default :data:`privacy.site.DEFAULT_MAX_EPSILON`) and the run's ``max-epsilon``. Always finite; a run
+    config cannot raise a site's budget."""
+    value = node_config.get("max-epsilon", DEFAULT_MAX_EPSILON)
+    if not _is_number(value) or float(value) <= 0.0:
+        raise ConfigError(f"node config 'max-epsilon' must be a finite number > 0 (a site budget), got {value!r}")
+    cap = min(float(value), float(privacy.max_epsilon))
+    return PrivacyBudget(max_epsilon=cap, delta=float(privacy.delta), accountant=AccountantKind.RDP)
 
 
 def restore_accountant(state: RecordDict, ledger: Ledger) -> PrivacyAccountant:
@@ -298,74 +353,95 @@ def private_update(
     runs_dir: Path,
     run_name: str,
 ) -> PrivateUpdate:
-    """One DP round of a node: budget check, DP-SGD, charge to the signed ledger, then the reply's content.
+    """One DP round of a node: budget check, DP-SGD, charge to the site ledger, then the reply's content.
 
-    Order (see :mod:`privacy.budget`): check the planned release, train, record (fsync), and only then return
-    what may leave the node. Raises :class:`~privacy.errors.PrivacyParameterError` for ``delta >= 1/n_k``.
+    Order (see :mod:`privacy.budget`): check the planned release against the site's budget over every run on
+    its dataset, train, record (fsync), and only then return what may leave the node. Everything returned is a
+    function of public configuration, the ledger and the noisy update: the FedAvg weight is 1 (uniform), the
+    metrics are :data:`privacy.dpsgd.PUBLIC_METRICS`, the ledger entry's timestamp is the round's arrival.
     """
+    received = utc_timestamp()  # before training: the entry's timestamp must not carry the training time
     identity = node_identity(context.node_config, run_config, runs_dir, run_name, partition_id)
-    path = node_ledger_path(ledger_root(privacy, runs_dir, run_name, context.run_id), partition_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(path, identity)
-    accountant = restore_accountant(context.state, ledger)
-    node_id = ledger.node_id
-    dp_config = privacy.dp_config(num_rounds)
+    run_id = run_name or f"flower-run-{context.run_id}"
+    fingerprint = site_fingerprint(context.node_config, data)
+    site = SiteLedger(ledger_root(privacy, context.node_config, runs_dir), fingerprint, run_id, identity)
+    accountant = restore_accountant(context.state, site.run_ledger)
+    node_id = site.node_id
+    dp_config = privacy.dp_config(num_rounds, task_config.train_per_client)
     train_config = task.train_config(task_config, task.client_seed(run_seed, server_round, partition_id))
     plan = plan_release(len(data.train), train_config, dp_config)
+    if len(data.train) > plan.expected_batch_size / plan.event.sample_rate:
+        logger.warning(  # a local log line only: the site's count never leaves it
+            "node %s holds more records than the declared dp-dataset-size; its expected batch exceeds the "
+            "declared one (privacy unaffected: q is public)",
+            node_id,
+        )
     release = Release(
-        run_id=run_name or f"flower-run-{context.run_id}",
+        run_id=run_id,
         node_id=node_id,
         round=server_round,
         event=plan.event,
         max_grad_norm=dp_config.max_grad_norm,
         delta=dp_config.delta,
         transport_protection=transport_protection(run_config),
+        sampling_basis=plan.basis,
+        declared_dataset_size=int(dp_config.dataset_size or 0),
+        dp_mode=DPMode(dp_config.mode).value,
+        noise_source=dp_config.noise_source,
+        dataset_fingerprint=fingerprint,
+        timestamp=received,
     )
     budget = node_budget(privacy, context.node_config)
 
-    def record(status: ReplyStatus, **extra: float) -> ConfigRecord:
+    def record(status: ReplyStatus, **extra: str | float) -> ConfigRecord:
         return ConfigRecord(
             {
                 PrivacyKey.STATUS: status.value,
                 PrivacyKey.NODE_ID: node_id,
-                PrivacyKey.ENTRIES: [e.canonical_bytes().decode("utf-8") for e in ledger.entries()],
-                PrivacyKey.EPSILON_RDP: ledger.epsilon(AccountantKind.RDP),
+                PrivacyKey.ENTRIES: [e.canonical_bytes().decode("utf-8") for e in site.entries()],
+                PrivacyKey.EPSILON_RDP: site.run_ledger.epsilon(AccountantKind.RDP),
+                PrivacyKey.SITE_EPSILON_RDP: site.epsilon(dp_config.delta),
+                PrivacyKey.MAX_EPSILON: budget.max_epsilon,
                 **extra,
             }
         )
 
-    if budget is not None:
-        try:
-            budget.check(ledger, release)
-        except BudgetExhausted as err:
-            logger.warning("node %s, round %d: %s; not training", node_id, server_round, err)
-            save_accountant(context.state, accountant)
-            refusal = record(
-                ReplyStatus.BUDGET_EXHAUSTED,
-                **{PrivacyKey.REQUESTED_EPSILON: err.requested_epsilon, PrivacyKey.MAX_EPSILON: err.max_epsilon},
-            )
-            return PrivateUpdate(None, len(data.train), {"epsilon": err.current_epsilon}, refusal)
+    try:
+        budget.check(site, release)
+    except BudgetExhausted as err:
+        logger.warning("node %s, round %d: %s; not training", node_id, server_round, err)
+        save_accountant(context.state, accountant)
+        refusal = record(ReplyStatus.BUDGET_EXHAUSTED, **{PrivacyKey.REQUESTED_EPSILON: err.requested_epsilon})
+        return PrivateUpdate(None, UNIFORM_WEIGHT, {}, refusal)
     with task._METHOD_LOCK:
         method = task._method(task_config, run_seed)
         update, event = dp_client_update(
             method, task.to_state(global_arrays), data.train, train_config, dp_config, accountant
         )
-    charged = Release(**{**{f.name: getattr(release, f.name) for f in fields(Release)}, "event": event})
-    if budget is not None:
-        budget.charge(ledger, charged)
-    else:
-        ledger.append(charged)
+    arrays = task.to_arrays(update.state)
+    nonce = secrets.token_bytes(32)
+    charged = replace(release, event=event, update_commitment=update_commitment(nonce, arrays))
+    entry = budget.charge(site, charged)
+    save_opening(site.path, entry.seq, nonce)
     accountant.compose(event)
     save_accountant(context.state, accountant)
-    metrics = {"train_loss": float(update.metrics["loss"])}
-    for name in ("epsilon", "epsilon_pld", "noise_multiplier", "sample_rate", "steps", "clipped_fraction"):
-        value = float(update.metrics.get(name, math.nan))
-        if math.isfinite(value):
-            metrics[name] = value
-    extra = {PrivacyKey.MAX_EPSILON: budget.max_epsilon} if budget is not None else {}
-    return PrivateUpdate(
-        task.to_arrays(update.state), update.num_examples, metrics, record(ReplyStatus.TRAINED, **extra)
-    )
+    metrics = {name: float(update.metrics[name]) for name in PUBLIC_METRICS if math.isfinite(update.metrics[name])}
+    extra: dict[str, str | float] = {}
+    if release.transport_protection is TransportProtection.NONE:  # the server sees the update: let it check
+        extra[PrivacyKey.UPDATE_NONCE] = nonce.hex()
+    return PrivateUpdate(arrays, UNIFORM_WEIGHT, metrics, record(ReplyStatus.TRAINED, **extra))
+
+
+def save_opening(chain: Path, seq: int, nonce: bytes) -> None:
+    """Keep the nonce that opens entry ``seq``'s update commitment at the site: ``openings/<chain name>`` (0600)."""
+    path = chain.parent / "openings" / chain.name
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, (json.dumps({"seq": seq, "nonce": nonce.hex()}) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -393,9 +469,19 @@ class RunLedger:
     by any other key is refused, and nothing the server learns from replies is ever pinned or written.
     """
 
-    def __init__(self, run_dir: Path, privacy: PrivacyRunConfig, roster: Roster) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        privacy: PrivacyRunConfig,
+        roster: Roster,
+        *,
+        planned: DpSgdEvent | None = None,
+        transport: TransportProtection = TransportProtection.NONE,
+    ) -> None:
         self.privacy = privacy
         self.roster = roster
+        self.planned = planned  # the public plan every trained entry must record (None: not checked)
+        self.transport = transport
         self._keys = roster_keys(roster)  # ledger node id -> roster key; refuses anything but a Roster
         self.path = run_dir / RunLedgerFile.LEDGER.value
         self.entries: dict[str, list[LedgerEntry]] = {}
@@ -418,12 +504,24 @@ class RunLedger:
         """
         return _LedgerGrid(grid, self, partition_of)
 
-    def collect(self, reply: Message, expected_node: int | None = None) -> str | None:
+    def collect(
+        self,
+        reply: Message,
+        expected_node: int | None = None,
+        *,
+        server_round: int | None = None,
+        carries_update: bool = False,
+    ) -> str | None:
         """Merge the signed entries of one train reply; returns why they were rejected, or None if merged.
 
-        ``expected_node`` is the partition the replying Flower node serves, when the server knows it."""
-        if reply.has_error() or PRIVACY_RECORD not in reply.content.config_records:
+        ``expected_node`` is the partition the replying Flower node serves, when the server knows it. A reply to a
+        message that asked for an update (``carries_update``: plain train, masking advertise, CKKS) must carry a
+        privacy record; a trained one must add this round's entry (``server_round``) recording the public plan and
+        transport, and under plain transport open its update commitment against the arrays it carries."""
+        if reply.has_error():
             return None
+        if PRIVACY_RECORD not in reply.content.config_records:
+            return "a DP run's train reply without a privacy record (no ledger entry)" if carries_update else None
         record = reply.content.config_records[PRIVACY_RECORD]
         node_id = record.get(PrivacyKey.NODE_ID)
         lines = record.get(PrivacyKey.ENTRIES, [])
@@ -445,12 +543,53 @@ class RunLedger:
                 if entry.node_id != node_id:
                     return f"ledger entry of node {entry.node_id!r} in the reply of node {node_id!r}"
                 parsed.append(entry)
-            merge_node_entries(self.path, parsed, self.roster)
+            merge_node_entries(self.path, parsed, self.roster)  # signed by the roster key, extends the chain
         except PrivacyError as err:
             logger.error("ledger of node %s rejected: %s", node_id, err)
             return f"ledger rejected: {err}"
         known = self.entries.setdefault(node_id, [])
+        before = len(known)
         known.extend(e for e in parsed if e.seq >= len(known))
+        if carries_update and record.get(PrivacyKey.STATUS) == ReplyStatus.TRAINED.value:
+            # the entries are genuine (the node spent that privacy, so they stay in the run ledger), but the
+            # update is aggregated only if this round's entry records the run's public plan and commits to it
+            problem = self._check_new_entry(reply, record, node_id, parsed, before, server_round)
+            if problem is not None:
+                logger.error("update of node %s rejected: %s", node_id, problem)
+                return f"ledger rejected: {problem}"
+        return None
+
+    def _check_new_entry(
+        self,
+        reply: Message,
+        record: ConfigRecord,
+        node_id: str,
+        parsed: list[LedgerEntry],
+        known: int,
+        server_round: int | None,
+    ) -> str | None:
+        if len(parsed) <= known:
+            return f"node {node_id} sent an update without a new ledger entry (it has {known}, sent {len(parsed)})"
+        last = parsed[-1]
+        if server_round is not None and last.round != server_round:
+            return f"node {node_id}'s newest ledger entry is for round {last.round}, not this round {server_round}"
+        if last.transport_protection != self.transport.value:
+            return f"node {node_id}'s entry records transport {last.transport_protection!r}, run uses {self.transport}"
+        if last.sampling_basis != SamplingBasis.DECLARED_SIZE.value:
+            return f"node {node_id}'s entry was sampled from its own record count (sampling_basis local-count)"
+        if self.planned is not None and last.event() != self.planned:
+            return f"node {node_id}'s entry records {last.event()}, not the run's public plan {self.planned}"
+        if self.transport is TransportProtection.NONE:
+            nonce = record.get(PrivacyKey.UPDATE_NONCE)
+            arrays = reply.content.array_records.get(RecordName.ARRAYS)
+            if not isinstance(nonce, str) or arrays is None:
+                return f"node {node_id}'s plain reply does not open its update commitment"
+            try:
+                opened = update_commitment(bytes.fromhex(nonce), from_array_record(arrays))
+            except (ValueError, PrivacyError):
+                return f"node {node_id}'s update nonce is malformed"
+            if opened != last.update_commitment:
+                return f"node {node_id}'s update does not match the commitment in its ledger entry"
         return None
 
     def history(self, node_id: str) -> tuple[DpSgdEvent, ...]:
@@ -503,9 +642,22 @@ class _LedgerGrid(GridProxy):
                 yield reply
                 continue
             served = self._partition_of(reply.metadata.src_node_id) if self._partition_of is not None else None
-            problem = self._ledger.collect(reply, served)
             original = by_node.get(reply.metadata.src_node_id)
+            server_round, carries = _train_request(original)
+            problem = self._ledger.collect(reply, served, server_round=server_round, carries_update=carries)
             if problem is None or original is None:
                 yield reply
             else:
                 yield Message(Error(code=LEDGER_REJECTED_CODE, reason=problem), reply_to=original)
+
+
+def _train_request(message: Message | None) -> tuple[int | None, bool]:
+    """(server round, whether it asks for a local update) of a train message the server sent."""
+    from fedmpt.apps.secure_aggregation import stage_of
+
+    if message is None:
+        return None, False
+    config = message.content.config_records.get(RecordName.CONFIG)
+    value = config.get(Key.SERVER_ROUND) if config is not None else None
+    server_round = int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+    return server_round, stage_of(message) in (None, Stage.ADVERTISE.value, Stage.CKKS.value)

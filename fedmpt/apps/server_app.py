@@ -168,7 +168,13 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
         kit = aggregator.kit or load_run_kit(
             sa.key_dir, run.path, config.task.num_clients, threshold=sa.threshold, neighbours=sa.neighbours
         )
-        run_ledger = privacy_hooks.RunLedger(run.path, config.privacy, kit.roster)
+        run_ledger = privacy_hooks.RunLedger(
+            run.path,
+            config.privacy,
+            kit.roster,
+            planned=privacy_hooks.planned_event(config.privacy, config.task, fed.num_server_rounds),
+            transport=privacy_hooks.transport_protection({"secure-aggregation": config.secure_aggregation.mode}),
+        )
         grid = run_ledger.wrap(grid, roster.partition_of.get)  # a node must send the ledger of its own partition
     arrays = aggregator.restore(arrays)  # CKKS: a checkpoint holds the encrypted state
     for server_round in range(point.round + 1, fed.num_server_rounds + 1):

@@ -33,6 +33,7 @@ from fedmpt.errors import ConfigError, SecureAggregationError
 from privacy.accounting import RDP_ORDERS, DpSgdEvent, epsilon_pld, epsilon_rdp
 from privacy.errors import IdentityError, LedgerError
 from privacy.ledger import GENESIS_HASH, Ledger, LedgerEntry, Release, key_id_of, verify_ledger
+from privacy.site import DEFAULT_MAX_EPSILON
 from secagg.keys import Identity, Roster
 
 NODES = {9001: 2, 17: 0, 555: 1}
@@ -57,6 +58,12 @@ def config(tmp_path: Path, small_task: dict[str, Any]) -> Callable[..., dict[str
         }
 
     return make
+
+
+def _node_chain(runs_dir: Path, k: int, run: str = "dp") -> Path:
+    """Node k's chain for ``run`` in its site ledger (filed under its dataset fingerprint)."""
+    (path,) = (runs_dir / privacy_hooks.SITE_LEDGERS_DIR).glob(f"*/{run}.node-{k}.jsonl")
+    return path
 
 
 def _lines(run_dir: Path) -> list[dict[str, Any]]:
@@ -124,10 +131,10 @@ def test_dp_run_epsilon_matches_a_replay_of_the_merged_ledger(
     assert not (run.path / "roster.json").exists()  # nothing learnt from replies is pinned or written
     # every node kept its own chain, identical to what the server merged, signed by its kit identity
     for k in range(3):
-        node_dir = run.path / "nodes" / f"node-{k}"
-        assert _entries(node_dir / "epsilon_ledger.jsonl") == [e for e in entries if e.node_id == str(k)]
+        chain = _node_chain(run.path.parent, k)
+        assert _entries(chain) == [e for e in entries if e.node_id == str(k)]
         assert {e.public_key for e in entries if e.node_id == str(k)} == {kit.identity(k).public.hex()}
-        assert not (node_dir / "identity.pem").exists()
+        assert not (chain.parent / "identity.pem").exists()
         state = json.loads(
             str(
                 grid.contexts[[n for n, p in NODES.items() if p == k][0]].state.config_records[
@@ -196,14 +203,14 @@ def test_tampered_node_ledger_is_detected(config: Callable[..., dict[str, Any]],
     with pytest.raises(RuntimeError, match="simulated server crash"):
         run_federation(fake_grid(build_client_app(), NODES, run_config=cfg, crash_at_call=4), read_app_config(cfg))
     run_dir = Path(cfg["runs-dir"]) / "dp"
-    node_ledger = run_dir / "nodes" / "node-2" / "epsilon_ledger.jsonl"
+    node_ledger = _node_chain(run_dir.parent, 2)
     data = node_ledger.read_bytes()
     assert data.count(b'"steps":2') == 1
     node_ledger.write_bytes(data.replace(b'"steps":2', b'"steps":1'))  # understate the spent steps
     assert not verify_ledger(node_ledger, Kit.load(run_dir / "secagg").roster).ok
     # the node refuses to open its edited ledger (under Flower the exception becomes the node's error reply)
     resumed = {**cfg, "resume": True}
-    with pytest.raises(LedgerError, match="node-2/epsilon_ledger.jsonl, line 1: bad signature"):
+    with pytest.raises(LedgerError, match="dp.node-2.jsonl, line 1: bad signature"):
         run_federation(fake_grid(build_client_app(), NODES, run_config=resumed), read_app_config(resumed))
 
 
@@ -277,7 +284,8 @@ def test_server_pins_to_the_kit_roster_and_refuses_any_other_key(tmp_path: Path)
         ("target-epsilon", 0.0, "'target-epsilon' must be a finite number > 0"),
         ("accountant", "pld", "'accountant' must be 'rdp' or 'prv'"),
         ("expected-batch-size", -2, "'expected-batch-size' must be an integer >= 0"),
-        ("max-epsilon", math.inf, "'max-epsilon' must be a finite number >= 0"),
+        ("max-epsilon", math.inf, "'max-epsilon' must be a finite number > 0"),
+        ("max-epsilon", 0.0, "'max-epsilon' must be a finite number > 0"),
         ("dp", 1, "'dp' must be true or false"),
     ],
 )
@@ -291,7 +299,7 @@ def test_calibrated_sigma_spends_at_most_the_target_over_all_rounds() -> None:
     from privacy.dpsgd import plan_release
 
     privacy = privacy_hooks.privacy_config_from({"dp": True, "target-epsilon": 2.0, "delta": 1e-3})
-    plan = plan_release(16, TrainConfig(batch_size=8), privacy.dp_config(rounds=5))
+    plan = plan_release(16, TrainConfig(batch_size=8), privacy.dp_config(rounds=5, default_dataset_size=16))
     spent = _rdp_replay([(plan.event.noise_multiplier, 0.5, plan.event.steps)] * 5, 1e-3)
     assert spent <= 2.0 and spent == pytest.approx(2.0, rel=0.05)
 
@@ -367,7 +375,7 @@ def test_delta_and_sigma_ranges(delta: float, sigma: float) -> None:
     valid = 0.0 < delta < 1.0 and sigma >= 0.0
     if valid:
         privacy = privacy_hooks.privacy_config_from({"delta": delta, "noise-multiplier": sigma})
-        dp = privacy.dp_config(rounds=3)
+        dp = privacy.dp_config(rounds=3, default_dataset_size=1)  # delta < 1/N holds for every delta < 1
         assert dp.delta == delta
         assert dp.noise_multiplier == (None if sigma == 0.0 else sigma)
         assert dp.target_epsilon == (8.0 if sigma == 0.0 else None)
@@ -378,16 +386,19 @@ def test_delta_and_sigma_ranges(delta: float, sigma: float) -> None:
 
 def test_ledger_location_and_site_budget(tmp_path: Path) -> None:
     default = privacy_hooks.PrivacyRunConfig(dp=True, max_epsilon=4.0)
-    assert privacy_hooks.ledger_root(default, tmp_path, "exp", 7) == tmp_path / "exp" / "nodes"
-    assert privacy_hooks.ledger_root(default, tmp_path, "", 7) == tmp_path / "flower-run-7" / "nodes"
-    elsewhere = privacy_hooks.PrivacyRunConfig(dp=True, ledger_dir=str(tmp_path / "site"))
-    assert privacy_hooks.ledger_root(elsewhere, tmp_path, "exp", 7) == tmp_path / "site"
-    assert privacy_hooks.node_ledger_path(tmp_path, 3) == tmp_path / "node-3" / "epsilon_ledger.jsonl"
-    budget = privacy_hooks.node_budget(default, {})
-    assert budget is not None and budget.max_epsilon == 4.0
-    site = privacy_hooks.node_budget(default, {"max-epsilon": 1.5})
-    assert site is not None and site.max_epsilon == 1.5
-    assert privacy_hooks.node_budget(privacy_hooks.PrivacyRunConfig(dp=True), {}) is None
+    assert privacy_hooks.ledger_root(default, {}, tmp_path) == tmp_path / "site-ledgers"
+    elsewhere = privacy_hooks.PrivacyRunConfig(dp=True, ledger_dir=str(tmp_path / "run-said"))
+    assert privacy_hooks.ledger_root(elsewhere, {}, tmp_path) == tmp_path / "run-said"
+    # the site's own folder wins over anything the run config says
+    assert privacy_hooks.ledger_root(elsewhere, {"ledger-dir": str(tmp_path / "mine")}, tmp_path) == tmp_path / "mine"
+    assert privacy_hooks.node_budget(default, {}).max_epsilon == 4.0  # the run may lower the site's default
+    assert privacy_hooks.node_budget(default, {"max-epsilon": 1.5}).max_epsilon == 1.5
+    # the default budget is finite, and a run config cannot raise a site's budget
+    assert privacy_hooks.node_budget(privacy_hooks.PrivacyRunConfig(dp=True), {}).max_epsilon == DEFAULT_MAX_EPSILON
+    generous = privacy_hooks.PrivacyRunConfig(dp=True, max_epsilon=1e6)
+    assert privacy_hooks.node_budget(generous, {"max-epsilon": 2.0}).max_epsilon == 2.0
+    with pytest.raises(ConfigError, match="'max-epsilon'"):
+        privacy_hooks.node_budget(default, {"max-epsilon": 0})
     with pytest.raises(ConfigError, match="'max-epsilon'"):
         privacy_hooks.node_budget(default, {"max-epsilon": "lots"})
 
