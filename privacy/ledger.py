@@ -161,7 +161,8 @@ class Release:
         update_commitment: SHA-256 (hex) of a secret 32-byte nonce followed by the released update's bytes
             (:func:`update_commitment`): binds the entry to the update without revealing it; the site keeps the
             nonce and can open the commitment to an auditor. :data:`NO_COMMITMENT` for none.
-        dataset_fingerprint: SHA-256 (hex) naming the site's dataset (the site ledger is keyed by it), or "".
+        dataset_label: a random 64-hex-digit label the site gave its dataset (:mod:`privacy.site`; never a hash
+            of the records, which would depend on them), or "".
         timestamp: UTC time to record (ISO 8601, ``Z``); None records the time of the append. A site records
             the time it received the round, so the timestamp carries no training time.
     """
@@ -179,7 +180,7 @@ class Release:
     dp_mode: str = "feature"
     noise_source: NoiseSource = NoiseSource.OS_URANDOM
     update_commitment: str = NO_COMMITMENT
-    dataset_fingerprint: str = ""
+    dataset_label: str = ""
     timestamp: str | None = None
 
     def __post_init__(self) -> None:
@@ -213,7 +214,7 @@ class Release:
             )
         if self.dp_mode not in ("feature", "exact"):
             raise PrivacyParameterError(f"dp_mode must be 'feature' or 'exact', got {self.dp_mode!r}")
-        for name in ("update_commitment", "dataset_fingerprint"):
+        for name in ("update_commitment", "dataset_label"):
             value = getattr(self, name)
             if value and (not isinstance(value, str) or _HEX64.fullmatch(value) is None):
                 raise PrivacyParameterError(f"{name} must be 64 lower-case hex digits or empty, got {value!r}")
@@ -268,7 +269,7 @@ class LedgerEntry:
     dp_mode: str
     noise_source: str
     update_commitment: str
-    dataset_fingerprint: str
+    dataset_label: str
     transport_protection: str
     secure_mode: bool
     secure_mode_reason: str
@@ -372,7 +373,7 @@ _STR_FIELDS = {
     "dp_mode",
     "noise_source",
     "update_commitment",
-    "dataset_fingerprint",
+    "dataset_label",
     "transport_protection",
     "secure_mode_reason",
     "timestamp",
@@ -397,7 +398,7 @@ def _check_type(name: str, value: object) -> None:
     if not ok:
         raise LedgerError(f"entry field {name!r} has the wrong type: {value!r}")
     patterns = {"prev_hash": _HEX64, "public_key": _HEX64, "signature": _HEX128, "key_id": _KEY_ID}
-    if name in ("update_commitment", "dataset_fingerprint") and value:
+    if name in ("update_commitment", "dataset_label") and value:
         patterns[name] = _HEX64
     if name in patterns and patterns[name].fullmatch(str(value)) is None:
         raise LedgerError(f"entry field {name!r} is not in canonical form: {value!r}")
@@ -731,7 +732,7 @@ class Ledger:
             dp_mode=release.dp_mode,
             noise_source=release.noise_source.value,
             update_commitment=release.update_commitment,
-            dataset_fingerprint=release.dataset_fingerprint,
+            dataset_label=release.dataset_label,
             transport_protection=release.transport_protection.value,
             secure_mode=False,
             secure_mode_reason=SECURE_MODE_REASON,
@@ -922,7 +923,7 @@ def _check_entry(entry: LedgerEntry, state: _NodeState, rdp_rtol: float, pld_rto
         first, last = state.entries[0], state.entries[-1]
         if entry.round < last.round:
             return f"round {entry.round} is before the previous entry's round {last.round}"
-        for name in ("run_id", "delta", "pld_value_discretization", "dataset_fingerprint"):
+        for name in ("run_id", "delta", "pld_value_discretization", "dataset_label"):
             if getattr(entry, name) != getattr(first, name):
                 return f"{name} changed from {getattr(first, name)!r} to {getattr(entry, name)!r}"
     if entry.sampling != Sampling.POISSON.value:

@@ -11,7 +11,8 @@ own key) and reads every other chain in the fingerprint's folder to know the sit
 checked for integrity (canonical lines, seq, hash links, signatures by the key each chain names, one
 fingerprint) and a corrupt one stops training: a history that cannot be read cannot be undercounted.
 
-The fingerprint names the data: :func:`dataset_fingerprint` hashes the records as the site holds them (the
+The fingerprint files the data (locally; it is never released: entries carry a random per-dataset label
+instead, see :func:`_dataset_label`): :func:`dataset_fingerprint` hashes the records as the site holds them (the
 frozen features and labels), or a site declares a stable ``dataset-id`` (recommended in deployments: features
 change with the backbone, the dataset does not). Budgets then compose every run on that dataset; the site's
 default budget is finite (:data:`DEFAULT_MAX_EPSILON`).
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -82,13 +84,32 @@ def read_chain(path: Path) -> list[LedgerEntry]:
             problem = "bad signature"
         elif entry.seq != number - 1 or entry.prev_hash != prev_hash:
             problem = "seq or prev_hash does not extend the chain"
-        elif entry.dataset_fingerprint != first.dataset_fingerprint:
-            problem = "dataset_fingerprint changed inside the chain"
+        elif entry.dataset_label != first.dataset_label:
+            problem = "dataset_label changed inside the chain"
         if problem:
             raise LedgerError(f"site ledger {path}, line {number}: {problem}")
         entries.append(entry)
         prev_hash = entry.entry_hash()
     return entries
+
+
+LABEL_FILE = "dataset-label"
+
+
+def _dataset_label(directory: Path) -> str:
+    """The random label this site gave the dataset filed in ``directory`` (created once, 32 random bytes).
+
+    Entries name the dataset by this label, never by the fingerprint: a hash of the records is a function of
+    them, so it would tell D from D plus one record; a random label is independent of the data."""
+    path = directory / LABEL_FILE
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(secrets.token_hex(32) + "\n")
+        os.replace(tmp, path)
+    label = path.read_text().strip()
+    if len(label) != 64 or any(c not in "0123456789abcdef" for c in label):
+        raise LedgerError(f"{path} does not hold a 64-hex-digit dataset label")
+    return label
 
 
 class SiteLedger:
@@ -105,6 +126,7 @@ class SiteLedger:
         self.fingerprint = fingerprint
         self.directory = Path(root) / fingerprint
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.label = _dataset_label(self.directory)
         chain = self.directory / f"{run_id}.node-{identity.node_id}.jsonl"
         self._run = Ledger(chain, identity)
         self._prior: list[DpSgdEvent] = []
@@ -113,8 +135,8 @@ class SiteLedger:
             if path == chain:
                 continue
             entries = read_chain(path)
-            if entries and entries[0].dataset_fingerprint not in ("", fingerprint):
-                raise LedgerError(f"site ledger {path} records another dataset ({entries[0].dataset_fingerprint})")
+            if entries and entries[0].dataset_label not in ("", self.label):
+                raise LedgerError(f"site ledger {path} records another dataset ({entries[0].dataset_label})")
             self._prior.extend(e.event() for e in entries)
             if entries:
                 self.prior_runs.append(entries[0].run_id)
@@ -151,9 +173,6 @@ class SiteLedger:
 
     def append(self, release: Release) -> LedgerEntry:
         """Record ``release`` in this run's chain (signed, fsynced); its fingerprint must be this dataset's."""
-        if release.dataset_fingerprint != self.fingerprint:
-            raise LedgerError(
-                f"release names dataset {release.dataset_fingerprint!r}, this site ledger is {self.fingerprint!r}"
-            )
+        if release.dataset_label != self.label:
+            raise LedgerError(f"release names dataset {release.dataset_label!r}, this site ledger's is {self.label!r}")
         return self._run.append(release)
-

@@ -17,10 +17,15 @@ from flwr.clientapp import ClientApp
 from fedmpt.apps.messages import Key, RecordName, from_array_record, to_array_record
 from fedmpt.apps.node_config import read_node_config
 from fedmpt.apps.secure_aggregation import client_evaluate, client_train
+from fedmpt.errors import ConfigError
 
 if TYPE_CHECKING:
     from fedmpt.apps import task
     from fedmpt.apps.config import AppConfig
+
+#: Error code of a reply in which the site withholds what it was asked for (evaluation under DP, plain training
+#: at a site that requires DP).
+WITHHELD_CODE = 4301
 
 # The task (torch, open_clip, the data) is imported inside the handlers that need it. Under the deployment engine
 # every message runs in a fresh ClientApp process, and the secure-aggregation stages after training
@@ -39,6 +44,21 @@ def _client_data(context: Context, overrides: Mapping[str, Any]) -> tuple[AppCon
     return config, node.partition_id, data
 
 
+def dp_required(node_config: Mapping[str, Any]) -> bool:
+    """Whether this site insists on DP whatever the run config says: node config ``dp-required = true``, or a
+    site budget or site ledger of its own (``max-epsilon``, ``ledger-dir``). The run config is the server's."""
+    flag = node_config.get("dp-required", False)
+    if not isinstance(flag, bool):
+        raise ConfigError(f"node config 'dp-required' must be true or false, got {flag!r}")
+    return flag or "max-epsilon" in node_config or bool(node_config.get("ledger-dir", ""))
+
+
+def _withheld(msg: Message, why: str) -> Message:
+    from flwr.app import Error
+
+    return Message(Error(code=WITHHELD_CODE, reason=why), reply_to=msg)
+
+
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node serves."""
     node = read_node_config(context.node_config)
@@ -51,6 +71,9 @@ def train(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Messa
     from fedmpt.apps import privacy_hooks, task
 
     config, partition_id, data = _client_data(context, overrides)
+    if not config.privacy.dp and dp_required(context.node_config):
+        return _withheld(msg, "this site trains only under DP (node config 'dp-required', 'max-epsilon' or "
+                              "'ledger-dir'); the run config has dp = false")  # fmt: skip
     global_arrays = from_array_record(msg.content.array_records[RecordName.ARRAYS])
     server_round = int(msg.content.config_records[RecordName.CONFIG][Key.SERVER_ROUND])  # type: ignore[arg-type]
     run_seed = config.federation.seed
@@ -82,10 +105,15 @@ def train(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Messa
 
 
 def evaluate(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Message:
-    """Evaluate the received global state on this client's own test split."""
+    """Evaluate the received global state on this client's own test split.
+
+    Under DP (the run's or the site's own, :func:`dp_required`) nothing is released: metrics on a site's
+    private test records are un-noised functions of them, so the reply is an error saying so."""
     from fedmpt.apps import task
 
     config, partition_id, data = _client_data(context, overrides)
+    if config.privacy.dp or dp_required(context.node_config):
+        return _withheld(msg, "under DP this site releases no metrics of its private test records")
     global_arrays = from_array_record(msg.content.array_records[RecordName.ARRAYS])
     metrics: dict[str, MetricRecordValues] = {
         **task.evaluate(global_arrays, data.test, config.task, run_seed=config.federation.seed)

@@ -388,7 +388,7 @@ def private_update(
         declared_dataset_size=int(dp_config.dataset_size or 0),
         dp_mode=DPMode(dp_config.mode).value,
         noise_source=dp_config.noise_source,
-        dataset_fingerprint=fingerprint,
+        dataset_label=site.label,
         timestamp=received,
     )
     budget = node_budget(privacy, context.node_config)

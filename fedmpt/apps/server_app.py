@@ -145,6 +145,15 @@ def _format_progress(record: RoundRecord, total_rounds: int) -> str:
     )
 
 
+def _evaluation_source(config: AppConfig, server_data: bool, encrypted: bool) -> str:
+    """What the round's global metrics are computed on (written to every round line)."""
+    if server_data and not encrypted:
+        return "server-test-set"
+    if config.privacy.dp:
+        return "none: under DP sites release no metrics and the server holds no decryptable model or no data"
+    return "federated: example-weighted mean of the sites' own test splits"
+
+
 def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
     """Run (or resume) the federation described by ``config`` over ``grid``; returns its run directory."""
     fed = config.federation
@@ -199,7 +208,12 @@ def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:
         global_metrics: dict[str, float] = {}
         if global_test is not None and not aggregator.encrypted_model:
             global_metrics = task.evaluate(arrays, global_test, config.task, run_seed=fed.seed)
+        # under DP sites release no metrics of their private test records: the server reports only what it can
+        # evaluate on data it holds itself (public by definition), or nothing
         eval_chosen = _evaluation_sample(len(client_ids), fed.fraction_evaluate, server_round, fed.seed)
+        if config.privacy.dp:
+            eval_chosen = []
+        extra["evaluation"] = _evaluation_source(config, global_test is not None, bool(aggregator.encrypted_model))
         eval_targets = {client_ids[i]: available[client_ids[i]] for i in eval_chosen}
         eval_replies, eval_failures, eval_bytes = exchange(
             grid,
