@@ -57,6 +57,7 @@ from matplotlib.ticker import MaxNLocator
 
 from fedmpt.errors import ConfigError
 from fedmpt.rundir import RunDirectory, RunDirectoryError, RunFile, atomic_write_bytes
+from privacy.consistency import check_run_consistency
 from privacy.errors import IdentityError, LedgerError
 from privacy.ledger import SECURE_MODE_REASON, LedgerEntry, VerificationReport, verify_ledger
 from secagg.keys import ROSTER_FILE, Roster, load_roster
@@ -331,6 +332,7 @@ class RunEvidence:
     audit_error: str | None
     epsilon_series: tuple[ClientSeries, ...] = field(default=())
     epsilon_series_source: str = ""
+    consistency: tuple[str, ...] = ()  # problems between ledger, metrics.jsonl, state.json and checkpoints
 
     @property
     def one_process_held_every_key(self) -> bool:
@@ -496,6 +498,7 @@ def collect_evidence(
         audit_error=audit_error,
         epsilon_series=series,
         epsilon_series_source=source if series else "",
+        consistency=tuple(check_run_consistency(path, entries)) if entries else (),
     )
 
 
@@ -891,6 +894,11 @@ def _ledger_section(ev: RunEvidence, findings: list[Finding], summary: dict[str,
         findings.append(
             Finding(Severity.WARNING, f"roster nodes without ledger entries: {', '.join(report.missing_nodes)}")
         )
+    for problem in ev.consistency:  # truncation / rewriting the signatures alone cannot show
+        finding = Finding(Severity.FAILURE, f"RUN RECORDS DISAGREE: {problem}")
+        findings.append(finding)
+        blocks.append(Alert(finding))
+    summary["consistency"] = list(ev.consistency)
     trust = ev.trust
     if trust is not None:
         blocks.append(

@@ -60,6 +60,7 @@ from fedmpt.apps.secagg_config import Stage
 from fedmpt.errors import ConfigError
 from privacy.accounting import AccountantKind, DpSgdEvent, PrivacyAccountant, epsilon_pld, epsilon_rdp
 from privacy.budget import PrivacyBudget
+from privacy.consistency import HEADS_KEY, chain_heads
 from privacy.dpsgd import PUBLIC_METRICS, DPConfig, DPMode, dp_client_update, plan_release
 from privacy.errors import BudgetExhausted, LedgerError, PrivacyError, PrivacyParameterError
 from privacy.ledger import (
@@ -619,6 +620,8 @@ class RunLedger:
             "clients": clients,
             "max_epsilon_rdp": max((c["epsilon_rdp"] for c in clients.values()), default=0.0),
             "max_epsilon_pld": max((c["epsilon_pld"] for c in clients.values()), default=0.0),
+            # every node's chain head as the server holds it now: the report checks the ledger still holds them
+            HEADS_KEY: chain_heads(e for chain in self.entries.values() for e in chain),
         }
 
 

@@ -42,8 +42,10 @@ def add_roster_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from privacy.ledger import verify_ledger
+    from privacy.consistency import check_run_consistency, check_site_chain
+    from privacy.ledger import LedgerEntry, verify_ledger
     from privacy.report import NO_ROSTER_HINT, identity_keys_in_run_dir, ledger_trust
+    from privacy.site import read_chain
 
     path = Path(args.path)
     if path.is_dir():
@@ -80,7 +82,17 @@ def _verify(args: argparse.Namespace) -> int:
         if len(report.failures) > 1:
             print(f"  ({len(report.failures) - 1} more failure(s) on other nodes)", file=sys.stderr)
         return 1
-    print("verified: all chains, signatures (against the roster) and epsilons check out")
+    entries = [LedgerEntry.from_line(line) for line in path.read_bytes().splitlines()]
+    problems = check_run_consistency(run_dir, entries) if in_run_dir else []
+    for chain in args.site_chain:  # a site's own record of this run: the anchor outside the run directory
+        problems += [f"{chain}: {p}" for p in check_site_chain(entries, read_chain(Path(chain)))]
+    if problems:
+        for problem in problems:
+            print(f"VERIFICATION FAILED: {problem}", file=sys.stderr)
+        return 1
+    checked = " and the run's other records agree" if in_run_dir else ""
+    sites = f"; holds every entry of {len(args.site_chain)} site chain(s)" if args.site_chain else ""
+    print(f"verified: all chains, signatures (against the roster) and epsilons check out{checked}{sites}")
     return 0
 
 
@@ -92,4 +104,11 @@ def register(subparsers: Any) -> None:
     verify = actions.add_parser("verify", help="verify a node or run epsilon ledger", description=__doc__)
     verify.add_argument("path", help="ledger file (JSON Lines), or a run directory")
     add_roster_options(verify)
+    verify.add_argument(
+        "--site-chain",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a site's own chain of this run (its site ledger): the run ledger must hold every entry of it",
+    )
     verify.set_defaults(func=_verify)

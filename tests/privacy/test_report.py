@@ -24,6 +24,7 @@ from fedmpt.apps import kit as app_kit
 from fedmpt.cli import main as cli_main
 from fedmpt.rundir import ClientFailure, RoundRecord, RunDirectory
 from privacy.accounting import DpSgdEvent, epsilon_pld, epsilon_rdp
+from privacy.consistency import chain_heads
 from privacy.ledger import (
     GENESIS_HASH,
     LEDGER_PLD_DISCRETIZATION,
@@ -33,6 +34,7 @@ from privacy.ledger import (
     TransportProtection,
     key_id_of,
     merge_node_entries,
+    verify_ledger,
 )
 from privacy.report import (
     KIT_MASKING_DIR,
@@ -93,8 +95,8 @@ def metrics_values(seed: int = 3) -> dict[int, dict[str, float]]:
 
 
 def write_metrics(run: RunDirectory, values: dict[int, dict[str, float]], epsilons: dict[int, Any]) -> None:
-    """metrics.jsonl as the server writes it, with the documented per-client epsilon object (or null)."""
-    lines = []
+    """Rounds completed as the server completes them (checkpoint, metrics.jsonl line with the documented
+    per-client epsilon object or null, state.json)."""
     for round_ in range(1, ROUNDS + 1):
         replied = tuple(int(c) for c in CLIENTS if round_ in PARTICIPATION[c])
         failed = tuple(
@@ -112,10 +114,9 @@ def write_metrics(run: RunDirectory, values: dict[int, dict[str, float]], epsilo
             bytes_up=500,
             global_metrics=values[round_],
             clients={str(c): {"mAP": values[round_]["mAP"] / 2} for c in replied},
-        ).to_json()
-        record["epsilon"] = epsilons.get(round_)
-        lines.append(json.dumps(record))
-    (run.path / "metrics.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            epsilon=epsilons.get(round_),
+        )
+        run.complete_round(record, {"w": np.full(2, float(round_), dtype=np.float32)})
 
 
 def history_of(client: str, up_to_round: int = ROUNDS) -> list[tuple[float, float, int]]:
@@ -169,7 +170,8 @@ def make_dp_run(root: Path, name: str, config: dict[str, Any], *, kit: str = "pr
             entries.append(ledgers[c].append(release))
         merge_node_entries(ledger_path, entries, provisioned.roster)
         clients = {e.node_id: {"epsilon_rdp": e.epsilon_rdp, "epsilon_pld": e.epsilon_pld} for e in entries}
-        epsilons[round_] = {"delta": DELTA, "accountant": "rdp", "clients": clients}
+        heads = chain_heads(e for ledger in ledgers.values() for e in ledger.entries())  # as the server records
+        epsilons[round_] = {"delta": DELTA, "accountant": "rdp", "clients": clients, "heads": heads}
     write_metrics(run, metrics_values(), epsilons)
     return run.path
 
@@ -437,15 +439,18 @@ def test_dropped_ledger_tail_is_caught_by_the_rounds_the_client_replied_in(tmp_p
     ledger_path = run_path / "epsilon_ledger.jsonl"
     lines = ledger_path.read_bytes().split(b"\n")[:-1]
     last_of_client_1 = max(i for i, line in enumerate(lines) if json.loads(line)["node_id"] == "1")
-    del lines[last_of_client_1]
+    dropped = lines.pop(last_of_client_1)
     ledger_path.write_bytes(b"".join(line + b"\n" for line in lines))
     written = write_audit_report(run_path)
     assert written.report.summary["ledger"]["status"] == "verified"  # the ledger alone cannot tell
     failures = [f.text for f in written.report.findings if f.severity is Severity.FAILURE]
     rounds_1 = PARTICIPATION["1"]
     assert failures == [
+        f"RUN RECORDS DISAGREE: round {rounds_1[-1]}: the server recorded node 1's entry seq {len(rounds_1) - 1} "
+        f"({chain_heads([LedgerEntry.from_line(dropped)])['1'][1][:12]}...), which the ledger does not hold "  # type: ignore[index]
+        "(truncated or rewritten)",
         f"client 1 replied in round {rounds_1[-1]} but its ledger chain ends at round {rounds_1[-2]}: entries are "
-        "missing and its epsilon is under-reported"
+        "missing and its epsilon is under-reported",
     ]
     assert written.report.summary["clients"]["1"]["epsilon_rdp"] == pytest.approx(
         opacus_epsilon(history_of("1", up_to_round=rounds_1[-2])), rel=1e-9
@@ -502,10 +507,10 @@ def test_per_run_kit_is_named_in_the_first_lines(tmp_path: Path) -> None:
     assert "All node keys were generated and held by one process" in written.html.read_text(encoding="utf-8")
 
 
-def forge_chain(ledger_path: Path, node_id: str, factor: float) -> None:
-    """Re-sign node ``node_id``'s chain with a fresh key (not in the roster), ``factor`` x the noise and matching
-    epsilons: the attack on a run whose keys all sit in one place."""
-    forger = Identity.generate(int(node_id))
+def forge_chain(ledger_path: Path, node_id: str, factor: float, signer: Identity | None = None) -> None:
+    """Re-sign node ``node_id``'s chain with ``signer`` (default: a fresh key, not in the roster), ``factor`` x the
+    noise and matching epsilons: the attack on a run whose keys all sit in one place."""
+    forger = signer or Identity.generate(int(node_id))
     out, prev_hash, history = [], GENESIS_HASH, []
     for line in ledger_path.read_bytes().split(b"\n")[:-1]:
         entry = LedgerEntry.from_line(line)
@@ -555,3 +560,63 @@ def test_without_a_roster_the_ledger_is_not_verified_and_the_option_is_named(
         assert cli_main(["report", str(run_path), *option]) == 0
         summary = json.loads((run_path / "report" / "report.json").read_text(encoding="utf-8"))
         assert summary["ledger"]["status"] == "verified" and summary["ledger"]["roster"].endswith("given)")
+
+
+def drop_last_round(run_path: Path) -> None:
+    """Cut the last round out of both the ledger and metrics.jsonl: every remaining signature stays valid."""
+    ledger_path = run_path / "epsilon_ledger.jsonl"
+    kept = [line for line in ledger_path.read_bytes().split(b"\n")[:-1] if json.loads(line)["round"] < ROUNDS]
+    ledger_path.write_bytes(b"".join(line + b"\n" for line in kept))
+    metrics = (run_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[:-1]
+    (run_path / "metrics.jsonl").write_text("".join(line + "\n" for line in metrics), encoding="utf-8")
+
+
+def test_a_run_cut_short_in_ledger_and_metrics_fails_verify_and_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_path = make_dp_run(tmp_path, "cut", dp_config())
+    assert cli_main(["ledger", "verify", str(run_path)]) == 0
+    capsys.readouterr()
+    drop_last_round(run_path)
+    assert verify_ledger(run_path / "epsilon_ledger.jsonl", app_kit.Kit.load(tmp_path / "cut-kit").roster).ok
+    assert cli_main(["ledger", "verify", str(run_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"state.json says {ROUNDS} round(s) completed, metrics.jsonl has {ROUNDS - 1}" in err
+    assert f"the newest checkpoint is of round {ROUNDS}, metrics.jsonl ends at round {ROUNDS - 1}" in err
+    written = write_audit_report(run_path)
+    assert not written.ok
+    assert any(f.text.startswith("RUN RECORDS DISAGREE: state.json says") for f in written.report.findings)
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
+def test_a_ledger_resigned_with_the_kits_own_keys_fails_verify_and_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In a simulation every key sits in the run directory: re-signing a chain with the node's own key and 40x the
+    noise passes every signature check; the chain heads the server wrote into metrics.jsonl catch it."""
+    run_path = make_dp_run(tmp_path, "resigned", dp_config(**{"secagg-dir": ""}), kit="per-run")
+    identity = app_kit.Kit.load(run_path / "secagg").identity(0)
+    forge_chain(run_path / "epsilon_ledger.jsonl", "0", 40.0, signer=identity)
+    assert verify_ledger(run_path / "epsilon_ledger.jsonl", app_kit.Kit.load(run_path / "secagg").roster).ok
+    assert cli_main(["ledger", "verify", str(run_path)]) == 1
+    assert "the server recorded node 0's entry seq 0" in capsys.readouterr().err
+    written = write_audit_report(run_path)
+    assert not written.ok and written.report.findings[0].text.startswith(ONE_PROCESS_HELD_EVERY_KEY)
+    failures = [f.text for f in written.report.findings if f.severity is Severity.FAILURE]
+    assert failures and all("node 0" in f or "client 0" in f for f in failures)
+    assert any("which the ledger does not hold (truncated or rewritten)" in f for f in failures)
+
+
+def test_verify_with_a_site_chain_catches_a_consistent_rewrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Whoever rewrites every file of the run consistently is caught only by a record outside it: the site's own."""
+    run_path = make_dp_run(tmp_path, "rewritten", dp_config())
+    site_chain = tmp_path / "rewritten-node-1.jsonl"  # node 1's own chain, kept at the site
+    assert cli_main(["ledger", "verify", str(run_path), "--site-chain", str(site_chain)]) == 0
+    drop_last_round(run_path)
+    state = json.loads((run_path / "state.json").read_text())
+    (run_path / "state.json").write_text(json.dumps({**state, "last_completed_round": ROUNDS - 1}))
+    (run_path / "checkpoints" / f"round_{ROUNDS:04d}.safetensors").unlink()
+    capsys.readouterr()
+    assert cli_main(["ledger", "verify", str(run_path)]) == 0  # the run directory alone now tells one story
+    assert cli_main(["ledger", "verify", str(run_path), "--site-chain", str(site_chain)]) == 1
+    assert "the run ledger lacks node 1's entry" in capsys.readouterr().err
