@@ -522,7 +522,8 @@ class RunLedger:
         if reply.has_error():
             return None
         if PRIVACY_RECORD not in reply.content.config_records:
-            return "a DP run's train reply without a privacy record (no ledger entry)" if carries_update else None
+            missing = "ledger rejected: a DP run's train reply without a privacy record (no ledger entry)"
+            return missing if carries_update else None
         record = reply.content.config_records[PRIVACY_RECORD]
         node_id = record.get(PrivacyKey.NODE_ID)
         lines = record.get(PrivacyKey.ENTRIES, [])

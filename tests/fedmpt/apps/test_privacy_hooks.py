@@ -19,12 +19,13 @@ from typing import Any
 import pytest
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from hypothesis import given
 from hypothesis import strategies as st
 from opacus.accountants.analysis import rdp as opacus_rdp
 
-from fedmpt.apps import privacy_hooks
+from fedmpt.apps import client_app, privacy_hooks, task
+from fedmpt.apps.messages import from_array_record, to_array_record
 from fedmpt.apps.client_app import build_client_app
 from fedmpt.apps.config import read_app_config
 from fedmpt.apps.kit import Kit, ensure_run_kit
@@ -439,3 +440,107 @@ def test_a_node_cannot_pass_another_nodes_valid_chain_off_as_its_own(tmp_path: P
     assert problem is not None and "serving partition 1 carries the ledger of node '0'" in problem
     assert not (run_dir / "epsilon_ledger.jsonl").exists()  # nothing merged
     assert ledger.collect(_reply("0", [node0]), expected_node=0) is None
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ("drop-record", "a DP run's train reply without a privacy record (no ledger entry)"),
+        ("old-entries", "node 2 sent an update without a new ledger entry (it has 1, sent 1)"),
+        ("swap-update", "node 2's update does not match the commitment in its ledger entry"),
+    ],
+)
+def test_an_update_without_this_rounds_ledger_entry_is_not_aggregated(
+    config: Callable[..., dict[str, Any]], fake_grid: Callable[..., Any], change: str, reason: str
+) -> None:
+    """A reply must carry a new entry for this round that commits to the very update it carries."""
+    real = build_client_app()
+    first_round: dict[str, Any] = {}
+
+    def deviant(message: Any, context: Any) -> Any:
+        reply = real(message, context)
+        if context.node_config["partition-id"] != 2 or message.metadata.message_type != "train":
+            return reply
+        record = reply.content.config_records[privacy_hooks.PRIVACY_RECORD]
+        entries = [str(x) for x in record[privacy_hooks.PrivacyKey.ENTRIES]]  # type: ignore[union-attr]
+        if len(entries) == 1:  # round 1 goes through honestly
+            first_round["entries"] = entries
+            return reply
+        if change == "drop-record":
+            del reply.content[privacy_hooks.PRIVACY_RECORD]
+        elif change == "old-entries":  # the round-1 chain again: trained without recording it
+            record[privacy_hooks.PrivacyKey.ENTRIES] = first_round["entries"]
+        else:  # another update than the one the entry commits to
+            arrays = from_array_record(reply.content.array_records["arrays"])
+            reply.content["arrays"] = to_array_record({k: v + 1e-3 for k, v in arrays.items()})
+        return reply
+
+    cfg = config(**{"num-server-rounds": 2})
+    run = run_federation(fake_grid(deviant, NODES, run_config=cfg), read_app_config(cfg))
+    first, second = _lines(run.path)
+    assert first["clients_replied"] == [0, 1, 2]
+    assert second["clients_replied"] == [0, 1] and set(second["train"]) == {"0", "1"}
+    (failure,) = second["clients_failed"]
+    assert failure["client_id"] == 2
+    assert failure["reason"] == f"error {privacy_hooks.LEDGER_REJECTED_CODE}: ledger rejected: {reason}"
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_site_data_composes_and_is_refused_past_the_budget(
+    config: Callable[..., dict[str, Any]], fake_grid: Callable[..., Any]
+) -> None:
+    one_round = _rdp_replay([(SIGMA, 0.5, 2)], 1e-3)
+    three_rounds = _rdp_replay([(SIGMA, 0.5, 2)] * 3, 1e-3)
+    four_rounds = _rdp_replay([(SIGMA, 0.5, 2)] * 4, 1e-3)
+    cap = (three_rounds + four_rounds) / 2  # room for 3 rounds over both runs
+    runs = []
+    for name, rounds in (("first", 2), ("second", 2)):
+        cfg = config(**{"run-name": name, "num-server-rounds": rounds, "min-clients": 2})
+        grid = fake_grid(build_client_app(), NODES, run_config=cfg)
+        grid.contexts[555].node_config["max-epsilon"] = cap  # partition 1's site budget, across runs
+        runs.append(run_federation(grid, read_app_config(cfg)))
+    first, second = (_lines(run.path) for run in runs)
+    assert [x["clients_replied"] for x in first] == [[0, 1, 2], [0, 1, 2]]
+    # the second run (a new kit, new keys) starts from the two rounds the first one spent on partition 1's data
+    assert second[0]["clients_replied"] == [0, 1, 2]
+    assert second[1]["clients_replied"] == [0, 2]
+    (failure,) = second[1]["clients_failed"]
+    assert failure["client_id"] == 1 and failure["reason"].startswith("budget exhausted (epsilon")
+    # per-run epsilon in the run's own records; the site's epsilon composes both runs
+    assert second[0]["epsilon"]["clients"]["1"]["epsilon_rdp"] == pytest.approx(one_round, rel=1e-9)
+    (site_dir,) = {p.parent for p in (runs[0].path.parent / privacy_hooks.SITE_LEDGERS_DIR).glob("*/*.node-1.jsonl")}
+    assert sorted(p.name for p in site_dir.glob("*.jsonl")) == ["first.node-1.jsonl", "second.node-1.jsonl"]
+    assert sum(len(p.read_text().splitlines()) for p in site_dir.glob("*.jsonl")) == 3
+
+
+def test_sites_release_no_evaluation_under_dp(
+    config: Callable[..., dict[str, Any]], fake_grid: Callable[..., Any]
+) -> None:
+    cfg = config(**{"num-server-rounds": 1})
+    grid = fake_grid(build_client_app(), NODES, run_config=cfg)
+    run = run_federation(grid, read_app_config(cfg))
+    (line,) = _lines(run.path)
+    assert line["clients"] == {} and line["evaluation"] == "server-test-set" and line["global"]["mAP"] > 0
+    # a server that asks anyway gets nothing but a refusal
+    arrays = task.initial_arrays(read_app_config(cfg).task, 5)
+    ask = Message(
+        RecordDict({"arrays": to_array_record(arrays), "config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=17,
+        message_type="evaluate",
+        group_id="1",
+    )
+    (reply,) = grid.send_and_receive([ask])
+    assert reply.has_error() and reply.error.code == client_app.WITHHELD_CODE
+    assert "no metrics of its private test records" in reply.error.reason
+    # a site that requires DP refuses a run config without it, and refuses evaluation too
+    plain = config(**{"dp": False})
+    strict = fake_grid(build_client_app(), NODES, run_config=plain)
+    strict.contexts[17].node_config["dp-required"] = True
+    train = Message(
+        RecordDict({"arrays": to_array_record(arrays), "config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=17,
+        message_type="train",
+        group_id="1",
+    )
+    (refused,) = strict.send_and_receive([train])
+    assert refused.has_error() and "trains only under DP" in refused.error.reason
