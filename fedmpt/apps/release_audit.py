@@ -56,8 +56,8 @@ def released_scalars(reply: Message) -> dict[str, float]:
     """Every scalar a train reply releases besides the update itself, by ``record.key`` name."""
     out: dict[str, float] = {}
     for name, record in reply.content.metric_records.items():
-        for key, value in record.items():
-            out[f"{name}.{key}"] = _number(value)
+        for key, metric in record.items():
+            out[f"{name}.{key}"] = _number(metric)
     for name, config in reply.content.config_records.items():
         for key, value in config.items():
             if name == PRIVACY_RECORD and key == PrivacyKey.ENTRIES:
