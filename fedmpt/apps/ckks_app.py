@@ -324,7 +324,6 @@ class CkksAggregator:
         extra: dict[str, Any] = {
             "secure_aggregation": self.mode.value,
             "secagg": self.describe(),
-            "evaluation": "federated",
         }
         blob = encode_upload_set(self.uploads) if self.uploads else b""
         plain = None

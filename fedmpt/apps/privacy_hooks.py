@@ -58,6 +58,7 @@ from fedmpt.apps.messages import Key, RecordName, from_array_record
 from fedmpt.apps.run_config import from_run_config, run_config_defaults
 from fedmpt.apps.secagg_config import Stage
 from fedmpt.errors import ConfigError
+from fedmpt.training import TrainConfig
 from privacy.accounting import AccountantKind, DpSgdEvent, PrivacyAccountant, epsilon_pld, epsilon_rdp
 from privacy.budget import PrivacyBudget
 from privacy.consistency import HEADS_KEY, chain_heads
@@ -128,7 +129,9 @@ class PrivacyRunConfig:
     rounds of local steps, assuming (worst case) the node trains every round. ``expected_batch_size = 0`` uses
     ``batch-size``. ``dataset_size`` (``dp-dataset-size``) is the declared, public per-site dataset-size bound
     ``N``: ``q = B / N``, the steps per round and sigma depend on it and never on a site's own count; 0 uses
-    ``train-per-client``. ``delta < 1/N`` is checked at start-up. ``max_epsilon`` (> 0) is the budget the run asks
+    ``train-per-client``. ``delta < 1/N`` is checked at start-up. Under DP the local optimiser uses
+    ``dp-momentum`` (default 0: momentum accumulates the noise of earlier steps) and ``dp-learning-rate`` (0 =
+    ``learning-rate``) instead of ``momentum`` / ``learning-rate``. ``max_epsilon`` (> 0) is the budget the run asks
     for; a site enforces the smaller of it and its own (node config ``max-epsilon``, default
     :data:`privacy.site.DEFAULT_MAX_EPSILON`), over every run on its dataset. ``ledger_dir = ""`` keeps site
     ledgers under ``<runs-dir>/site-ledgers`` (a node config ``ledger-dir`` wins: a site's ledger is its own).
@@ -142,6 +145,8 @@ class PrivacyRunConfig:
     max_grad_norm: float = 1.0
     expected_batch_size: int = 0
     dp_dataset_size: int = 0
+    dp_momentum: float = 0.0
+    dp_learning_rate: float = 0.0
     accountant: str = AccountantKind.RDP.value
     max_epsilon: float = DEFAULT_MAX_EPSILON
     ledger_dir: str = ""
@@ -160,6 +165,9 @@ class PrivacyRunConfig:
         batch = self.expected_batch_size
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
             raise ConfigError(f"run config 'expected-batch-size' must be an integer >= 0, got {batch!r}")
+        _number("dp-learning-rate", self.dp_learning_rate, strict=False)
+        if not _is_number(self.dp_momentum) or not 0.0 <= float(self.dp_momentum) < 1.0:
+            raise ConfigError(f"run config 'dp-momentum' must be a number in [0, 1), got {self.dp_momentum!r}")
         size = self.dp_dataset_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ConfigError(f"run config 'dp-dataset-size' must be an integer >= 0, got {size!r}")
@@ -369,7 +377,7 @@ def private_update(
     accountant = restore_accountant(context.state, site.run_ledger)
     node_id = site.node_id
     dp_config = privacy.dp_config(num_rounds, task_config.train_per_client)
-    train_config = task.train_config(task_config, task.client_seed(run_seed, server_round, partition_id))
+    train_config = dp_train_config(privacy, task_config, task.client_seed(run_seed, server_round, partition_id))
     plan = plan_release(len(data.train), train_config, dp_config)
     if len(data.train) > plan.expected_batch_size / plan.event.sample_rate:
         logger.warning(  # a local log line only: the site's count never leaves it
@@ -431,6 +439,12 @@ def private_update(
     if release.transport_protection is TransportProtection.NONE:  # the server sees the update: let it check
         extra[PrivacyKey.UPDATE_NONCE] = nonce.hex()
     return PrivateUpdate(arrays, UNIFORM_WEIGHT, metrics, record(ReplyStatus.TRAINED, **extra))
+
+
+def dp_train_config(privacy: PrivacyRunConfig, task_config: task.TaskConfig, seed: int) -> TrainConfig:
+    """The local optimiser under DP: the task's, with ``dp-momentum`` and ``dp-learning-rate`` (if set)."""
+    base = task.train_config(task_config, seed)
+    return replace(base, momentum=float(privacy.dp_momentum), lr=float(privacy.dp_learning_rate) or base.lr)
 
 
 def save_opening(chain: Path, seq: int, nonce: bytes) -> None:

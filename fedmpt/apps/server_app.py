@@ -146,12 +146,12 @@ def _format_progress(record: RoundRecord, total_rounds: int) -> str:
 
 
 def _evaluation_source(config: AppConfig, server_data: bool, encrypted: bool) -> str:
-    """What the round's global metrics are computed on (written to every round line)."""
+    """What the round's global metrics are computed on (``evaluation`` in every round line): ``server-test-set``
+    (data the server holds itself), ``federated`` (example-weighted mean of the sites' own test splits) or
+    ``none`` (under DP sites release no metrics, and the server holds no decryptable model or no data)."""
     if server_data and not encrypted:
         return "server-test-set"
-    if config.privacy.dp:
-        return "none: under DP sites release no metrics and the server holds no decryptable model or no data"
-    return "federated: example-weighted mean of the sites' own test splits"
+    return "none" if config.privacy.dp else "federated"
 
 
 def run_federation(grid: Grid, config: AppConfig) -> RunDirectory:

@@ -28,12 +28,17 @@ class MethodConfig:
     Defaults follow the FedMPT paper where it gives a value: ``n_condition_context = n_class_context = 4``
     (beta_cond = beta_cls = 4), ``adapter_rank = 32`` (D_s = 32), ``tau = 4`` expressed on cosines as
     ``row_temperature = 0.2`` (the authors scale cosines by 20 before dividing by tau: 20 cos / 4 = cos / 0.2).
-    ``logit_scale = 20`` is DualCoOp's and the authors' region-similarity scale.
+    ``logit_scale = 20`` is DualCoOp's and the authors' region-similarity scale. ``context_init`` is CoOp's
+    ``ctx_init``: PromptFL's context vectors start as the token embeddings of this text (its length sets the
+    context length) and the class text keeps its article, so PromptFL starts exactly at the zero-shot prompt
+    ``"a photo of {a|an} {class}."`` (mAP is rank-based, so the logit scale and bias do not move it); ``""``
+    draws ``n_context`` random vectors.
     """
 
     n_condition_context: int = 4
     n_class_context: int = 4
-    n_context: int = 16  # CoOp / PromptFL and DualCoOp context length
+    n_context: int = 16  # CoOp / PromptFL (when context_init = "") and DualCoOp context length
+    context_init: str = "a photo of"
     adapter_rank: int = 32
     gate_rank: int = 32
     row_temperature: float = 0.2

@@ -3,7 +3,10 @@
 * ``zeroshot``: ``"a photo of a {class}."`` prompts, no training; logits use the backbone's own logit scale
   and bias when it has them (SigLIP-trained models, such as the bundled tiny CLIP), else ``20 cos - 5``.
 * ``promptfl`` (Guo et al., PromptFL): CoOp context vectors shared by all classes, scored on the global image
-  feature, averaged by FedAvg. Logits ``20 cos(v, t_c) + beta`` with a learnable bias (multi-label sigmoid).
+  feature, averaged by FedAvg; the context starts from the embeddings of ``"a photo of"`` (CoOp's
+  ``ctx_init``, ``MethodConfig.context_init``) followed by the class with its article, i.e. at the zero-shot
+  model. Logits ``20 cos(v, t_c) + beta``
+  with a learnable bias (multi-label sigmoid).
 * ``dualcoop`` (Sun et al., DualCoOp, federated by FedAvg as Fed-DualCoOp): positive and negative contexts,
   class-specific region aggregation on the patch features with spatial weights from the positive map;
   logits ``20 (psi+_c - psi-_c)``, i.e. the positive probability of DualCoOp's two-way softmax.
@@ -12,6 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -56,8 +60,18 @@ class PromptFL(Method):
     def __init__(self, backbone: Backbone, classnames: Sequence[str], config: MethodConfig) -> None:
         super().__init__(backbone, classnames)
         generator = torch.Generator().manual_seed(config.init_seed)
-        prompts, groups = context_prompts(self.classnames, config.n_context)
-        self.prompts = PromptBank(backbone, prompts, groups, generator=generator)
+        init: dict[str, Tensor] | None = None
+        n_context = config.n_context
+        class_texts = list(self.classnames)
+        if config.context_init:  # CoOp's ctx_init: start at the zero-shot prompt "a photo of {a|an} {class}."
+            tokenizer: Any = backbone.tokenizer  # open_clip's BPE tokenizer (PromptBank checks it)
+            ids = tokenizer.encode(config.context_init)
+            n_context = len(ids)
+            with torch.no_grad():
+                init = {"context": backbone.token_embedding(torch.tensor(ids, dtype=torch.long)).detach()}
+            class_texts = [_after_context(config.context_init, c) for c in self.classnames]
+        prompts, groups = context_prompts(class_texts, n_context)
+        self.prompts = PromptBank(backbone, prompts, groups, generator=generator, init=init)
         self.logit_scale = config.logit_scale
         self.logit_bias = nn.Parameter(torch.full((1,), float(config.logit_bias_init)))
 
@@ -70,6 +84,14 @@ class PromptFL(Method):
     ) -> Tensor:
         cos = F.normalize(global_features, dim=-1) @ F.normalize(text, dim=-1).T
         return self.logit_scale * cos + self.logit_bias
+
+
+def _after_context(context: str, classname: str) -> str:
+    """What follows ``context`` in the zero-shot prompt of ``classname`` (``"an apple"`` after ``"a photo of"``),
+    so that context + class text is the zero-shot prompt word for word; the class name if it does not start so."""
+    prompt = class_prompt(classname).removesuffix(".")
+    prefix = context.strip() + " "
+    return prompt[len(prefix) :] if prompt.startswith(prefix) else classname
 
 
 class DualCoOp(Method):

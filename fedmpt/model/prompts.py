@@ -54,6 +54,7 @@ class PromptBank(nn.Module):
         groups: number of vectors of each learned group.
         init_std: learned vectors start as N(0, init_std^2) (CoOp's and the authors' 0.02).
         generator: RNG of the initialisation.
+        init: starting values ``(count, W)`` for some groups (e.g. CoOp's ``ctx_init`` token embeddings).
 
     The learned vectors are parameters named ``<group>`` of shape (count, W); the frozen token embeddings of
     all prompts are a buffer, and the splice is an ``index_put`` so that ``torch.func`` transforms see a pure
@@ -73,6 +74,7 @@ class PromptBank(nn.Module):
         *,
         init_std: float = 0.02,
         generator: torch.Generator | None = None,
+        init: dict[str, Tensor] | None = None,
     ) -> None:
         super().__init__()
         if not prompts:
@@ -119,8 +121,13 @@ class PromptBank(nn.Module):
         width = frozen.shape[-1]
         self.group_names = tuple(groups)
         for name, count in groups.items():
-            init = torch.randn(count, width, generator=generator) * init_std
-            self.register_parameter(name, nn.Parameter(init))
+            start = torch.randn(count, width, generator=generator) * init_std
+            if init is not None and name in init:
+                if tuple(init[name].shape) != (count, width):
+                    shape = tuple(init[name].shape)
+                    raise ConfigError(f"init of group {name!r} has shape {shape}, not {(count, width)}")
+                start = init[name].detach().clone().to(start.dtype)
+            self.register_parameter(name, nn.Parameter(start))
         self.register_buffer("slot_prompt", torch.tensor(slot_prompt, dtype=torch.long), persistent=False)
         self.register_buffer("slot_position", torch.tensor(slot_position, dtype=torch.long), persistent=False)
         for name in groups:

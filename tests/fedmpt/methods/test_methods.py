@@ -8,6 +8,7 @@ import torch
 from fedmpt.backbone.loader import Backbone, load_backbone
 from fedmpt.errors import ConfigError
 from fedmpt.methods import METHODS, build_method
+from fedmpt.methods.base import MethodConfig
 from fedmpt.methods.fedmpt import VARIANTS
 from fedmpt.model.asymmetric_loss import asymmetric_loss
 
@@ -93,3 +94,23 @@ def test_state_round_trip_and_mismatch_errors(backbone: Backbone) -> None:
 def test_fedmpt_needs_conditions(backbone: Backbone) -> None:
     with pytest.raises(ConfigError, match="condition"):
         build_method("fedmpt", backbone, CLASSES, ())
+
+
+def test_promptfl_starts_at_the_zero_shot_model(backbone: Backbone) -> None:
+    """CoOp's ctx_init: PromptFL's context is the embedding of "a photo of", so its class features at
+    initialisation are zero-shot CLIP's own and every per-class ranking (hence mAP) is identical."""
+    from fedmpt.metrics import mean_average_precision
+
+    classes = ("cat", "dog", "apple", "umbrella", "oven")
+    zero = build_method("zeroshot", backbone, classes)
+    prompt = build_method("promptfl", backbone, classes)
+    assert torch.allclose(prompt.text_features(), zero.text_features(), atol=1e-5, rtol=1e-4)
+    g, p = _features(64, seed=3)
+    labels = (torch.rand(64, len(classes), generator=torch.Generator().manual_seed(1)) < 0.3).to(torch.int8)
+    with torch.no_grad():
+        ours = mean_average_precision(prompt(g, p).numpy(), labels.numpy())
+        theirs = mean_average_precision(zero(g, p).numpy(), labels.numpy())
+    assert ours == pytest.approx(theirs, abs=1e-9)
+    random_init = build_method("promptfl", backbone, classes, config=MethodConfig(context_init=""))
+    assert random_init.trainable_parameters()["prompts.context"].shape[0] == MethodConfig().n_context
+    assert not torch.allclose(random_init.text_features(), zero.text_features(), atol=1e-3)
