@@ -70,7 +70,9 @@ from privacy.per_sample import per_sample_gradients, prepare_for_dp
 
 logger = logging.getLogger("bench_dp_step")
 
-VARIANTS = ("nondp", "nondp-fixed", "dp-feature", "dp-exact")
+#: ``dp-*`` draw their noise from the OS CSPRNG (privacy.noise, what sites use); ``dp-feature-torchrng`` from a
+#: seeded torch generator, to show the cost of the noise source side by side.
+VARIANTS = ("nondp", "nondp-fixed", "dp-feature", "dp-feature-torchrng", "dp-exact")
 
 
 @dataclass(frozen=True)
@@ -124,13 +126,13 @@ class _Step:
         self.train = TrainConfig(lr=settings.lr)
         self.params = list(self.method.trainable_parameters().values())
         if variant.startswith("dp-"):
-            self.mode = DPMode(variant.removeprefix("dp-"))
+            self.mode = DPMode(variant.removeprefix("dp-").removesuffix("-torchrng"))
             self.release = GaussianRelease(
                 release_shapes(self.method, self.mode),
                 noise_multiplier=1.0,
                 max_grad_norm=settings.max_grad_norm[self.mode.value],
                 expected_batch_size=settings.batch,
-                generator=make_generator(None),
+                generator=make_generator(None) if variant.endswith("-torchrng") else None,
             )
         self.chunk = settings.chunk_size
 

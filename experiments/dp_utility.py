@@ -40,7 +40,7 @@ import torch
 from fedmpt.backbone.loader import load_backbone
 from fedmpt.federated import world_features
 from fedmpt.methods import build_method
-from fedmpt.methods.base import Method
+from fedmpt.methods.base import MethodConfig
 from fedmpt.training import ClientUpdate, FeatureData, TrainConfig, client_update, evaluate, fedavg
 from fedmpt.world import FederatedWorldConfig, make_federated_world
 from fedmpt.world.dataset import condition_names
@@ -53,17 +53,11 @@ LEVERS: dict[str, dict[str, Any]] = {
     "sgd": {"lr": 0.05, "momentum": 0.0, "prompts_only": False},
     "prompts": {"lr": 0.05, "momentum": 0.0, "prompts_only": True},
 }
-PROMPT_GROUPS = ("prompts.", "logit_bias")
 
 
-def _method(name: str, backbone: Any, classnames: tuple[str, ...], prompts_only: bool) -> Method:
-    method = build_method(name, backbone, classnames, condition_names())
-    method = prepare_for_dp(method)
-    if prompts_only:
-        for pname, param in method.named_parameters():
-            if param.requires_grad and not pname.startswith(PROMPT_GROUPS):
-                param.requires_grad_(False)
-    return method
+def _method(name: str, backbone: Any, classnames: tuple[str, ...], prompts_only: bool) -> Any:
+    config = MethodConfig(train_groups="prompts" if prompts_only else "all")  # the run config's dp-train
+    return prepare_for_dp(build_method(name, backbone, classnames, condition_names(), config=config))
 
 
 def _uniform(updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
@@ -135,11 +129,13 @@ def _summary(rows: list[dict[str, Any]], zero: dict[str, dict[str, float]]) -> l
         entry: dict[str, Any] = {"method": method, "mode": mode, "epsilon": epsilon, "lever": lever,
                                  "seeds": len(members)}  # fmt: skip
         for split in ("decorrelated", "iid"):
-            values = [m[f"mAP_{split}"] for m in members]
+            values = [100 * m[f"mAP_{split}"] for m in members]  # percent
             entry[f"{split}_mean"] = statistics.fmean(values)
             entry[f"{split}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
             entry[f"{split}_min"] = min(values)
-            entry[f"{split}_zero_shot_mean"] = statistics.fmean(zero[str(m["seed"])][f"mAP_{split}"] for m in members)
+            entry[f"{split}_zero_shot_mean"] = statistics.fmean(
+                100 * zero[str(m["seed"])][f"mAP_{split}"] for m in members
+            )
         out.append(entry)
     return out
 
@@ -151,7 +147,8 @@ def _markdown(result: dict[str, Any]) -> str:
         f"rounds, batch {args['batch']}, delta {args['delta']}, clip {args['clip_feature']} (feature) / "
         f"{args['clip_exact']} (exact), seeds {args['seeds']}; uniform FedAvg; mAP in percent.",
         "",
-        "| method | mode | lever | epsilon | seeds | decorrelated mAP | min | zero-shot | in-dist. mAP | min | zero-shot |",
+        "| method | mode | lever | epsilon | seeds | decorrelated mAP | min | zero-shot "
+        "| in-dist. mAP | min | zero-shot |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in result["summary"]:
@@ -181,7 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-exact", type=float, default=7.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--render", type=Path, help="only re-render the tables of a results JSON")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        result = json.loads(args.render.read_text())
+        result["summary"] = _summary(result["runs"], result["zero_shot"])
+        args.render.write_text(json.dumps(result, indent=2) + "\n")
+        args.render.with_suffix(".md").write_text(_markdown(result))
+        print(_markdown(result))
+        return 0
     torch.set_num_threads(args.threads)
     backbone = load_backbone()
     rows: list[dict[str, Any]] = []

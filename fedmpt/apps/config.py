@@ -14,6 +14,7 @@ The node config (``--node-config`` of a SuperNode, or the simulation's virtual n
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import tomllib
@@ -120,6 +121,9 @@ def read_app_config(run_config: Mapping[str, Any]) -> AppConfig:
     privacy = privacy_config_from({k: resolved[k] for k in PRIVACY_DEFAULTS})
     secure = secure_aggregation_config_from({k: resolved[k] for k in SECAGG_DEFAULTS})
     if privacy.dp:  # the public per-round release; a bad delta / dp-dataset-size / batch size fails here
+        if "train_groups" not in task.method_options:  # dp-train: what DP trains, unless method-options says
+            options = ",".join(x for x in (task.method_options, f"train_groups={privacy.dp_train}") if x)
+            task = dataclasses.replace(task, method_options=options)
         planned_event(privacy, task, federation.num_server_rounds)
     return AppConfig(federation=federation, task=task, resolved=resolved, privacy=privacy, secure_aggregation=secure)
 

@@ -58,6 +58,7 @@ from fedmpt.apps.messages import Key, RecordName, from_array_record
 from fedmpt.apps.run_config import from_run_config, run_config_defaults
 from fedmpt.apps.secagg_config import Stage
 from fedmpt.errors import ConfigError
+from fedmpt.methods.base import TRAIN_GROUPS
 from fedmpt.training import TrainConfig
 from privacy.accounting import AccountantKind, DpSgdEvent, PrivacyAccountant, epsilon_pld, epsilon_rdp
 from privacy.budget import PrivacyBudget
@@ -131,7 +132,10 @@ class PrivacyRunConfig:
     ``N``: ``q = B / N``, the steps per round and sigma depend on it and never on a site's own count; 0 uses
     ``train-per-client``. ``delta < 1/N`` is checked at start-up. Under DP the local optimiser uses
     ``dp-momentum`` (default 0: momentum accumulates the noise of earlier steps) and ``dp-learning-rate`` (0 =
-    ``learning-rate``) instead of ``momentum`` / ``learning-rate``. ``max_epsilon`` (> 0) is the budget the run asks
+    ``learning-rate``) instead of ``momentum`` / ``learning-rate``, and trains the groups ``dp-train`` names
+    (default ``"prompts"``: prompt vectors and logit biases; FedMPT's adapters stay the identity and its gate
+    uniform; ``"all"``: every trainable group). It becomes the method option ``train_groups`` unless
+    ``method-options`` sets one. ``max_epsilon`` (> 0) is the budget the run asks
     for; a site enforces the smaller of it and its own (node config ``max-epsilon``, default
     :data:`privacy.site.DEFAULT_MAX_EPSILON`), over every run on its dataset. ``ledger_dir = ""`` keeps site
     ledgers under ``<runs-dir>/site-ledgers`` (a node config ``ledger-dir`` wins: a site's ledger is its own).
@@ -147,6 +151,7 @@ class PrivacyRunConfig:
     dp_dataset_size: int = 0
     dp_momentum: float = 0.0
     dp_learning_rate: float = 0.0
+    dp_train: str = "prompts"
     accountant: str = AccountantKind.RDP.value
     max_epsilon: float = DEFAULT_MAX_EPSILON
     ledger_dir: str = ""
@@ -166,6 +171,8 @@ class PrivacyRunConfig:
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
             raise ConfigError(f"run config 'expected-batch-size' must be an integer >= 0, got {batch!r}")
         _number("dp-learning-rate", self.dp_learning_rate, strict=False)
+        if self.dp_train not in TRAIN_GROUPS:
+            raise ConfigError(f"run config 'dp-train' must be one of {TRAIN_GROUPS}, got {self.dp_train!r}")
         if not _is_number(self.dp_momentum) or not 0.0 <= float(self.dp_momentum) < 1.0:
             raise ConfigError(f"run config 'dp-momentum' must be a number in [0, 1), got {self.dp_momentum!r}")
         size = self.dp_dataset_size

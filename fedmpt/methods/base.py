@@ -20,6 +20,9 @@ from torch import Tensor, nn
 from fedmpt.backbone.loader import Backbone
 from fedmpt.errors import ConfigError
 
+#: Values of :attr:`MethodConfig.train_groups`.
+TRAIN_GROUPS = ("all", "prompts")
+
 
 @dataclass(frozen=True)
 class MethodConfig:
@@ -32,13 +35,16 @@ class MethodConfig:
     ``ctx_init``: PromptFL's context vectors start as the token embeddings of this text (its length sets the
     context length) and the class text keeps its article, so PromptFL starts exactly at the zero-shot prompt
     ``"a photo of {a|an} {class}."`` (mAP is rank-based, so the logit scale and bias do not move it); ``""``
-    draws ``n_context`` random vectors.
+    draws ``n_context`` random vectors. ``train_groups = "prompts"`` trains only the prompt vectors and logit
+    biases and leaves every other part at its initialisation (FedMPT's adapters the identity, its gate uniform):
+    the DP default (``dp-train``), because isotropic DP noise breaks the adapters' low-rank products.
     """
 
     n_condition_context: int = 4
     n_class_context: int = 4
     n_context: int = 16  # CoOp / PromptFL (when context_init = "") and DualCoOp context length
     context_init: str = "a photo of"
+    train_groups: str = "all"  # "all", or "prompts": only prompt vectors and logit biases are trained
     adapter_rank: int = 32
     gate_rank: int = 32
     row_temperature: float = 0.2
@@ -61,6 +67,8 @@ class MethodConfig:
         for name in ("n_context", "adapter_rank", "gate_rank", "sinkhorn_iterations"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"MethodConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.train_groups not in TRAIN_GROUPS:
+            raise ConfigError(f"MethodConfig.train_groups must be one of {TRAIN_GROUPS}, got {self.train_groups!r}")
         for name in ("row_temperature", "logit_scale", "sinkhorn_epsilon"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
@@ -174,4 +182,13 @@ def build_method(
     cfg = config or MethodConfig(**overrides)
     method = METHODS[name](backbone, classnames, conditions, cfg)
     method.name = name
+    if cfg.train_groups == "prompts":
+        for pname, param in method.named_parameters():
+            if not is_prompt_parameter(pname):
+                param.requires_grad_(False)
     return method
+
+
+def is_prompt_parameter(name: str) -> bool:
+    """Whether a parameter is trained under ``train_groups = "prompts"``: prompt vectors and logit biases."""
+    return name.startswith("prompts.") or name.split(".")[-1] == "logit_bias"

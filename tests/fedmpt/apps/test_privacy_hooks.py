@@ -544,3 +544,18 @@ def test_sites_release_no_evaluation_under_dp(
     )
     (refused,) = strict.send_and_receive([train])
     assert refused.has_error() and "trains only under DP" in refused.error.reason
+
+
+def test_dp_trains_prompts_only_by_default(small_task: dict[str, Any]) -> None:
+    """dp-train = "prompts": under DP FedMPT's adapters stay the identity and its gate uniform (their low-rank
+    products do not survive isotropic noise, experiments/results/dp_utility_levers.md); "all" trains everything."""
+    base = {"method": "fedmpt", "num-clients": 2, **small_task}
+    plain = task.initial_arrays(read_app_config(base).task, 0)
+    private = task.initial_arrays(read_app_config({**base, "dp": True}).task, 0)
+    everything = task.initial_arrays(read_app_config({**base, "dp": True, "dp-train": "all"}).task, 0)
+    assert sorted(private) == ["prompts.class_context", "prompts.condition_context", "transport.logit_bias"]
+    assert sorted(everything) == sorted(plain) and any(name.startswith("adapters.") for name in plain)
+    own = read_app_config({**base, "dp": True, "method-options": "train_groups=all"}).task
+    assert sorted(task.initial_arrays(own, 0)) == sorted(plain)  # method-options wins
+    with pytest.raises(ConfigError, match="'dp-train'"):
+        read_app_config({**base, "dp": True, "dp-train": "adapters"})
