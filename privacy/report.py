@@ -669,11 +669,50 @@ def _privacy_section(ev: RunEvidence, findings: list[Finding], summary: dict[str
     blocks: list[Block] = [
         Paragraph(
             "Guarantee: record-level (example-level) (epsilon, delta)-DP of each client's local data under "
-            "add/remove-one neighbouring datasets, covering every update the client sent in every round. It is "
-            "per client, not client-level DP, and holds against anyone who sees the updates, the server included; "
-            "secure aggregation does not change epsilon."
+            "add/remove-one neighbouring datasets, covering every value the client sent in every round (the "
+            "update, its FedAvg weight, metrics, ledger fields). It is per client, not client-level DP, and holds "
+            "against anyone who sees the replies, the server included; secure aggregation does not change epsilon. "
+            "Not covered: the time a client takes to reply."
         )
     ]
+    relations = sorted({(e.privacy_unit, e.neighbouring_relation) for e in entries})
+    if any(r != ("record", "add-remove-one") for r in relations):
+        findings.append(
+            Finding(Severity.FAILURE, f"ledger entries accounted under {relations}, not record/add-remove-one")
+        )
+    local = sorted({e.node_id for e in entries if e.sampling_basis != "declared-size"}, key=_client_key)
+    if local:
+        findings.append(
+            Finding(
+                Severity.FAILURE,
+                f"client(s) {', '.join(local)} computed q from their own record count (sampling_basis local-count): "
+                "q, steps and a calibrated sigma reveal it, so add/remove-one DP does not hold for them",
+            )
+        )
+    seeded = sorted({e.node_id for e in entries if e.noise_source != "os-urandom"}, key=_client_key)
+    if seeded:
+        findings.append(
+            Finding(
+                Severity.WARNING, f"client(s) {', '.join(seeded)} drew DP noise from a seeded generator (tests only)"
+            )
+        )
+    evaluation = sorted({str(r.get("evaluation")) for r in ev.rounds if r.get("evaluation") is not None})
+    summary["evaluation"] = evaluation
+    if "federated" in evaluation:
+        findings.append(
+            Finding(
+                Severity.FAILURE,
+                "DP run with federated evaluation: clients released un-noised metrics of their own test records",
+            )
+        )
+    blocks.append(
+        Paragraph(
+            "Evaluation: "
+            + (", ".join(evaluation) if evaluation else NOT_AVAILABLE)
+            + " (server-test-set: data the server holds itself, public by definition; none: no metrics released). "
+            "Under DP clients release no metrics of their own test records."
+        )
+    )
 
     def distinct(values: Iterable[Any]) -> str:
         unique = sorted(set(values))
@@ -705,6 +744,14 @@ def _privacy_section(ev: RunEvidence, findings: list[Finding], summary: dict[str
                 ("DP-SGD steps per client (total)", distinct(steps_by_node.values()), "ledger"),
                 ("delta", _fmt(delta) if delta is not None else NOT_AVAILABLE, source),
                 ("sampling", distinct(e.sampling for e in entries), "ledger"),
+                (
+                    "sampling basis (declared dataset size N)",
+                    distinct(f"{e.sampling_basis} ({e.declared_dataset_size})" for e in entries),
+                    "ledger",
+                ),
+                ("unit / neighbouring relation", distinct(f"{u} / {r}" for u, r in relations), "ledger"),
+                ("noise source", distinct(e.noise_source for e in entries), "ledger"),
+                ("DP mode (ledger)", distinct(e.dp_mode for e in entries), "ledger"),
                 ("budget accountant", _fmt(cfg.get("accountant", "rdp")), "config"),
                 ("dp-mode", _fmt(cfg.get("dp-mode", NOT_AVAILABLE)), "config"),
                 ("target epsilon", _fmt(cfg.get("target-epsilon", NOT_AVAILABLE)), "config"),

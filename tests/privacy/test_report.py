@@ -31,6 +31,7 @@ from privacy.ledger import (
     Ledger,
     LedgerEntry,
     Release,
+    SamplingBasis,
     TransportProtection,
     key_id_of,
     merge_node_entries,
@@ -166,6 +167,8 @@ def make_dp_run(root: Path, name: str, config: dict[str, Any], *, kit: str = "pr
                 max_grad_norm=1.0,
                 delta=DELTA,
                 transport_protection=TransportProtection.MASKING,
+                sampling_basis=SamplingBasis.DECLARED_SIZE,  # q = B / N, as every federated site
+                declared_dataset_size=round(1 / Q),
             )
             entries.append(ledgers[c].append(release))
         merge_node_entries(ledger_path, entries, provisioned.roster)
@@ -620,3 +623,19 @@ def test_verify_with_a_site_chain_catches_a_consistent_rewrite(tmp_path: Path, c
     assert cli_main(["ledger", "verify", str(run_path)]) == 0  # the run directory alone now tells one story
     assert cli_main(["ledger", "verify", str(run_path), "--site-chain", str(site_chain)]) == 1
     assert "the run ledger lacks node 1's entry" in capsys.readouterr().err
+
+
+def test_a_client_sampling_from_its_own_count_fails_the_report(tmp_path: Path) -> None:
+    """q = B / n releases n: the report says add/remove-one DP does not hold for that client."""
+    run_path = make_dp_run(tmp_path, "local-count", dp_config())
+    ledger_path = run_path / "epsilon_ledger.jsonl"
+    kit = app_kit.Kit.load(tmp_path / "local-count-kit")
+    lines = ledger_path.read_bytes().split(b"\n")[:-1]
+    node1 = [LedgerEntry.from_line(x) for x in lines if json.loads(x)["node_id"] == "1"]
+    chain = Ledger(tmp_path / "local-count-node-1.jsonl", kit.identity(1))  # node 1's own chain, one more round
+    release = Release(run_id=RUN_ID, node_id="1", round=ROUNDS, event=DpSgdEvent(SIGMA, Q, 1), max_grad_norm=1.0,
+                      delta=DELTA, transport_protection=TransportProtection.MASKING)  # fmt: skip
+    merge_node_entries(ledger_path, [*node1, chain.append(release)], kit.roster)
+    written = write_audit_report(run_path)
+    failures = [f.text for f in written.report.findings if f.severity is Severity.FAILURE]
+    assert any(f.startswith("client(s) 1 computed q from their own record count") for f in failures)
