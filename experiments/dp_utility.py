@@ -14,6 +14,8 @@ Levers (``--lever``, each one a named configuration; compare them on one seed fi
 * ``prompts``: no momentum, and under DP only the prompt groups (and bias) are trained: adapters stay the
   identity and the gate uniform, as at initialisation (their low-rank products do not survive isotropic noise).
   The released vector is a subset, so the accounting is unchanged.
+* ``prompts-lr0.02``, ``prompts-lr0.01``: the same with a lower learning rate (the noise's random walk on the
+  prompts grows with lr x sigma).
 
 Usage::
 
@@ -52,6 +54,8 @@ LEVERS: dict[str, dict[str, Any]] = {
     "old": {"lr": 0.05, "momentum": 0.9, "prompts_only": False},
     "sgd": {"lr": 0.05, "momentum": 0.0, "prompts_only": False},
     "prompts": {"lr": 0.05, "momentum": 0.0, "prompts_only": True},
+    "prompts-lr0.02": {"lr": 0.02, "momentum": 0.0, "prompts_only": True},
+    "prompts-lr0.01": {"lr": 0.01, "momentum": 0.0, "prompts_only": True},
 }
 
 
