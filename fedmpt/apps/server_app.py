@@ -139,9 +139,14 @@ def _evaluation_sample(num_clients: int, fraction: float, server_round: int, see
 def _format_progress(record: RoundRecord, total_rounds: int) -> str:
     scores = " ".join(f"{k} {100 * record.global_metrics[k]:.1f}" for k in _PROGRESS_KEYS if k in record.global_metrics)
     failed = ", ".join(f"{f.client_id}({f.reason})" for f in record.clients_failed) or "none"
+    privacy = ""
+    if isinstance(record.epsilon, Mapping):  # the largest site's cumulative epsilon this run, next to the metrics
+        eps, delta = record.epsilon.get("max_epsilon_rdp"), record.epsilon.get("delta")
+        if isinstance(eps, int | float) and isinstance(delta, int | float):
+            privacy = f" | max epsilon {eps:.3g} (delta {delta:g}, rdp)"
     return (
         f"[round {record.round}/{total_rounds}] replied {len(record.clients_replied)}/"
-        f"{len(record.clients_sampled)} | global {scores} | failed: {failed} | {record.wall_time_s:.1f} s"
+        f"{len(record.clients_sampled)} | global {scores}{privacy} | failed: {failed} | {record.wall_time_s:.1f} s"
     )
 
 

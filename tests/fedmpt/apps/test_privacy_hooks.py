@@ -559,3 +559,18 @@ def test_dp_trains_prompts_only_by_default(small_task: dict[str, Any]) -> None:
     assert sorted(task.initial_arrays(own, 0)) == sorted(plain)  # method-options wins
     with pytest.raises(ConfigError, match="'dp-train'"):
         read_app_config({**base, "dp": True, "dp-train": "adapters"})
+
+
+def test_the_progress_line_shows_epsilon_next_to_map() -> None:
+    from fedmpt.apps.server_app import _format_progress
+    from fedmpt.rundir import RoundRecord
+
+    record = RoundRecord(
+        round=2, wall_time_s=1.0, clients_sampled=(0, 1), clients_replied=(0, 1), clients_failed=(), bytes_down=1,
+        bytes_up=1, global_metrics={"mAP": 0.891}, clients={},
+        epsilon={"delta": 1e-5, "max_epsilon_rdp": 2.3456, "clients": {}},
+    )  # fmt: skip
+    line = _format_progress(record, 5)
+    assert "global mAP 89.1 | max epsilon 2.35 (delta 1e-05, rdp) | failed: none" in line
+    plain = dataclasses.replace(record, epsilon=None)
+    assert "epsilon" not in _format_progress(plain, 5)
