@@ -610,7 +610,9 @@ def test_a_ledger_resigned_with_the_kits_own_keys_fails_verify_and_report(
     assert any("which the ledger does not hold (truncated or rewritten)" in f for f in failures)
 
 
-def test_verify_with_a_site_chain_catches_a_consistent_rewrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_with_a_site_chain_catches_a_consistent_rewrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Whoever rewrites every file of the run consistently is caught only by a record outside it: the site's own."""
     run_path = make_dp_run(tmp_path, "rewritten", dp_config())
     site_chain = tmp_path / "rewritten-node-1.jsonl"  # node 1's own chain, kept at the site

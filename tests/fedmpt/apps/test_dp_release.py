@@ -77,6 +77,11 @@ def site(
     yield answer
 
 
+def _newest_entry(reply: Message) -> dict[str, Any]:
+    lines = reply.content.config_records[privacy_hooks.PRIVACY_RECORD][privacy_hooks.PrivacyKey.ENTRIES]
+    return dict(json.loads(str(lines[-1])))  # type: ignore[index]
+
+
 def _neighbours(small_task: dict[str, Any]) -> tuple[task.ClientData, task.ClientData]:
     """D' = partition 0's 16 records, D = the same without the last one."""
     cfg = read_app_config({"num-clients": 2, "method": "promptfl", **small_task})
@@ -100,7 +105,7 @@ def test_every_released_value_is_the_same_on_d_and_d_plus_one(
     assert metrics[Key.NUM_EXAMPLES] == privacy_hooks.UNIFORM_WEIGHT == 1
     assert set(metrics) == {*PUBLIC_METRICS, Key.NUM_EXAMPLES, Key.PARTITION_ID}
     assert "train_loss" not in metrics and "clipped_fraction" not in metrics
-    entry = json.loads(str(without.content.config_records[privacy_hooks.PRIVACY_RECORD][privacy_hooks.PrivacyKey.ENTRIES][-1]))
+    entry = _newest_entry(without)
     assert entry["sample_rate"] == 8 / 16  # expected batch / declared dp-dataset-size (train-per-client), not / n
     assert entry["sampling_basis"] == "declared-size" and entry["declared_dataset_size"] == 16
     assert entry["neighbouring_relation"] == "add-remove-one" and entry["privacy_unit"] == "record"
@@ -113,7 +118,7 @@ def test_a_small_site_takes_part_with_the_public_sample_rate(
     _, full = _neighbours(small_task)
     tiny = task.ClientData(train=full.train.subset(range(3)), test=full.test)  # 3 records, expected batch 8
     reply = site(tiny, tmp_path / "tiny", **{"dp-dataset-size": 64})
-    entry = json.loads(str(reply.content.config_records[privacy_hooks.PRIVACY_RECORD][privacy_hooks.PrivacyKey.ENTRIES][-1]))
+    entry = _newest_entry(reply)
     assert entry["sample_rate"] == 8 / 64 and entry["steps"] == 8
     assert RecordName.ARRAYS in reply.content.array_records
 

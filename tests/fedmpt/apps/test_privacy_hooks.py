@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 from opacus.accountants.analysis import rdp as opacus_rdp
 
 from fedmpt.apps import client_app, privacy_hooks, task
-from fedmpt.apps.messages import from_array_record, to_array_record
 from fedmpt.apps.client_app import build_client_app
 from fedmpt.apps.config import read_app_config
 from fedmpt.apps.kit import Kit, ensure_run_kit
+from fedmpt.apps.messages import from_array_record, to_array_record
 from fedmpt.apps.server_app import run_federation
 from fedmpt.errors import ConfigError, SecureAggregationError
 from privacy.accounting import RDP_ORDERS, DpSgdEvent, epsilon_pld, epsilon_rdp
