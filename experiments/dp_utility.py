@@ -183,7 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tag", default="")
     parser.add_argument("--render", type=Path, help="only re-render the tables of a results JSON")
+    parser.add_argument("--render-seeds", nargs="+", type=int, help="with --render: summarise only these seeds")
     args = parser.parse_args(argv)
+    if args.render is not None and args.render_seeds:
+        result = json.loads(args.render.read_text())
+        runs = [r for r in result["runs"] if r["seed"] in args.render_seeds]
+        print(_markdown({**result, "summary": _summary(runs, result["zero_shot"])}))
+        return 0
     if args.render is not None:
         result = json.loads(args.render.read_text())
         result["summary"] = _summary(result["runs"], result["zero_shot"])

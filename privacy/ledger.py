@@ -216,7 +216,7 @@ class Release:
             raise PrivacyParameterError(f"dp_mode must be 'feature' or 'exact', got {self.dp_mode!r}")
         for name in ("update_commitment", "dataset_label"):
             value = getattr(self, name)
-            if value and (not isinstance(value, str) or _HEX64.fullmatch(value) is None):
+            if value and not is_hex64(value):
                 raise PrivacyParameterError(f"{name} must be 64 lower-case hex digits or empty, got {value!r}")
 
 
@@ -582,6 +582,56 @@ def utc_timestamp() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def read_chain(
+    path: str | os.PathLike[str], public_key: Ed25519PublicKey | None = None, node_id: str | None = None
+) -> list[LedgerEntry]:
+    """The entries of one node's chain file, checked: canonical lines, one signer, valid signatures, ``seq`` from
+    0 and ``prev_hash`` links, and a constant ``node_id`` and ``dataset_label``.
+
+    ``public_key`` / ``node_id`` pin the signer and node (a node opening its own ledger); None takes them from
+    the first entry (a site reading the chain of an earlier run, signed by that run's kit). Raises
+    :class:`LedgerError` naming the file, the line and the problem; a torn last line is an error.
+    """
+    chain = Path(path)
+    lines, complete = _read_lines(chain)
+    if not complete:
+        raise LedgerError(f"ledger {chain}: line {len(lines)} is truncated (no final newline; interrupted write?)")
+    entries: list[LedgerEntry] = []
+    prev_hash = GENESIS_HASH
+    for number, line in enumerate(lines, start=1):
+        try:
+            entry = LedgerEntry.from_line(line)
+        except LedgerError as err:
+            raise LedgerError(f"ledger {chain}, line {number}: {err}") from None
+        if public_key is None:
+            public_key = public_key_from_hex(entry.public_key)
+        first = entries[0] if entries else entry
+        expected_node = node_id if node_id is not None else first.node_id
+        problem = None
+        if entry.public_key != public_key_to_hex(public_key):
+            problem = f"signed by {entry.key_id}, not by this node's key {key_id_of(public_key)}"
+        elif not entry.verify_signature(public_key):
+            problem = "bad signature"
+        elif entry.node_id != expected_node:
+            problem = f"node_id {entry.node_id!r} is not this ledger's node {expected_node!r}"
+        elif entry.seq != number - 1:
+            problem = f"seq {entry.seq}, expected {number - 1}"
+        elif entry.prev_hash != prev_hash:
+            problem = "prev_hash does not match the previous entry"
+        elif entry.dataset_label != first.dataset_label:
+            problem = "dataset_label changed inside the chain"
+        if problem:
+            raise LedgerError(f"ledger {chain}, line {number}: {problem}")
+        entries.append(entry)
+        prev_hash = entry.entry_hash()
+    return entries
+
+
+def is_hex64(value: object) -> bool:
+    """Whether ``value`` is 64 lower-case hex digits (a SHA-256 digest, a label, a commitment)."""
+    return isinstance(value, str) and _HEX64.fullmatch(value) is not None
+
+
 class Ledger:
     """A node's append-only epsilon ledger file, signed with the node's provisioned identity.
 
@@ -613,33 +663,7 @@ class Ledger:
             self._load()
 
     def _load(self) -> None:
-        lines, complete = _read_lines(self._path)
-        if not complete:
-            raise LedgerError(
-                f"ledger {self._path}: line {len(lines)} is truncated (no final newline; interrupted write?)"
-            )
-        prev_hash = GENESIS_HASH
-        public_key = self._identity.private.public_key()
-        for number, line in enumerate(lines, start=1):
-            try:
-                entry = LedgerEntry.from_line(line)
-            except LedgerError as err:
-                raise LedgerError(f"ledger {self._path}, line {number}: {err}") from None
-            problem = None
-            if entry.public_key != self._public_hex:
-                problem = f"signed by {entry.key_id}, not by this node's key {self._key_id}"
-            elif not entry.verify_signature(public_key):
-                problem = "bad signature"
-            elif entry.node_id != self._node_id:
-                problem = f"node_id {entry.node_id!r} is not this ledger's node {self._node_id!r}"
-            elif entry.seq != number - 1:
-                problem = f"seq {entry.seq}, expected {number - 1}"
-            elif entry.prev_hash != prev_hash:
-                problem = "prev_hash does not match the previous entry"
-            if problem:
-                raise LedgerError(f"ledger {self._path}, line {number}: {problem}")
-            self._entries.append(entry)
-            prev_hash = entry.entry_hash()
+        self._entries = read_chain(self._path, self._identity.private.public_key(), self._node_id)
         self._size = self._path.stat().st_size
 
     @property
@@ -1050,6 +1074,8 @@ __all__ = [
     "PRIVACY_UNIT",
     "SamplingBasis",
     "canonical_json_bytes",
+    "is_hex64",
+    "read_chain",
     "update_commitment",
     "utc_timestamp",
     "key_id_of",

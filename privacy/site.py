@@ -34,10 +34,10 @@ import numpy as np
 from fedmpt.training import FeatureData
 from privacy.accounting import AccountantKind, DpSgdEvent, compute_epsilon
 from privacy.errors import LedgerError, PrivacyParameterError
-from privacy.ledger import GENESIS_HASH, Ledger, LedgerEntry, Release, public_key_from_hex
+from privacy.ledger import Ledger, LedgerEntry, Release, is_hex64, read_chain
 from secagg.keys import Identity
 
-__all__ = ["DEFAULT_MAX_EPSILON", "SiteLedger", "dataset_fingerprint", "read_chain"]
+__all__ = ["DEFAULT_MAX_EPSILON", "SiteLedger", "dataset_fingerprint"]
 
 #: The budget a site enforces when nobody sets one (record-level epsilon at the run's delta, over all runs).
 DEFAULT_MAX_EPSILON = 10.0
@@ -60,39 +60,6 @@ def dataset_fingerprint(data: FeatureData | None = None, *, dataset_id: str = ""
     return digest.hexdigest()
 
 
-def read_chain(path: Path) -> list[LedgerEntry]:
-    """The entries of one chain file, checked for integrity against the key it names (see the module docstring).
-
-    Raises :class:`LedgerError` for a torn line, a non-canonical line, a bad signature, a key change, a broken
-    ``seq``/``prev_hash`` link or a second fingerprint.
-    """
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        raise LedgerError(f"site ledger {path}: the last line is truncated (interrupted write?)")
-    entries: list[LedgerEntry] = []
-    prev_hash = GENESIS_HASH
-    for number, line in enumerate(data.splitlines(), start=1):
-        try:
-            entry = LedgerEntry.from_line(line)
-        except LedgerError as err:
-            raise LedgerError(f"site ledger {path}, line {number}: {err}") from None
-        first = entries[0] if entries else entry
-        problem = None
-        if entry.public_key != first.public_key:
-            problem = "signed by another key than the chain's first entry"
-        elif not entry.verify_signature(public_key_from_hex(entry.public_key)):
-            problem = "bad signature"
-        elif entry.seq != number - 1 or entry.prev_hash != prev_hash:
-            problem = "seq or prev_hash does not extend the chain"
-        elif entry.dataset_label != first.dataset_label:
-            problem = "dataset_label changed inside the chain"
-        if problem:
-            raise LedgerError(f"site ledger {path}, line {number}: {problem}")
-        entries.append(entry)
-        prev_hash = entry.entry_hash()
-    return entries
-
-
 LABEL_FILE = "dataset-label"
 
 
@@ -102,12 +69,17 @@ def _dataset_label(directory: Path) -> str:
     Entries name the dataset by this label, never by the fingerprint: a hash of the records is a function of
     them, so it would tell D from D plus one record; a random label is independent of the data."""
     path = directory / LABEL_FILE
-    if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(secrets.token_hex(32) + "\n")
-        os.replace(tmp, path)
+    try:  # created exactly once: a second process finds the first one's label (O_EXCL), never replaces it
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
     label = path.read_text().strip()
-    if len(label) != 64 or any(c not in "0123456789abcdef" for c in label):
+    if not is_hex64(label):
         raise LedgerError(f"{path} does not hold a 64-hex-digit dataset label")
     return label
 
@@ -121,7 +93,7 @@ class SiteLedger:
     """
 
     def __init__(self, root: str | os.PathLike[str], fingerprint: str, run_id: str, identity: Identity) -> None:
-        if len(fingerprint) != 64 or any(c not in "0123456789abcdef" for c in fingerprint):
+        if not is_hex64(fingerprint):
             raise PrivacyParameterError(f"dataset fingerprint must be 64 lower-case hex digits, got {fingerprint!r}")
         self.fingerprint = fingerprint
         self.directory = Path(root) / fingerprint

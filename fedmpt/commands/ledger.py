@@ -43,9 +43,8 @@ def add_roster_options(parser: argparse.ArgumentParser) -> None:
 
 def _verify(args: argparse.Namespace) -> int:
     from privacy.consistency import check_run_consistency, check_site_chain
-    from privacy.ledger import LedgerEntry, verify_ledger
+    from privacy.ledger import LedgerEntry, read_chain, verify_ledger
     from privacy.report import NO_ROSTER_HINT, identity_keys_in_run_dir, ledger_trust
-    from privacy.site import read_chain
 
     path = Path(args.path)
     if path.is_dir():

@@ -523,26 +523,19 @@ def test_sites_release_no_evaluation_under_dp(
     assert line["clients"] == {} and line["evaluation"] == "server-test-set" and line["global"]["mAP"] > 0
     # a server that asks anyway gets nothing but a refusal
     arrays = task.initial_arrays(read_app_config(cfg).task, 5)
-    ask = Message(
-        RecordDict({"arrays": to_array_record(arrays), "config": ConfigRecord({"server-round": 1})}),
-        dst_node_id=17,
-        message_type="evaluate",
-        group_id="1",
-    )
-    (reply,) = grid.send_and_receive([ask])
+
+    def message(kind: str) -> Message:
+        content = RecordDict({"arrays": to_array_record(arrays), "config": ConfigRecord({"server-round": 1})})
+        return Message(content, dst_node_id=17, message_type=kind, group_id="1")
+
+    (reply,) = grid.send_and_receive([message("evaluate")])
     assert reply.has_error() and reply.error.code == client_app.WITHHELD_CODE
     assert "no metrics of its private test records" in reply.error.reason
     # a site that requires DP refuses a run config without it, and refuses evaluation too
     plain = config(**{"dp": False})
     strict = fake_grid(build_client_app(), NODES, run_config=plain)
     strict.contexts[17].node_config["dp-required"] = True
-    train = Message(
-        RecordDict({"arrays": to_array_record(arrays), "config": ConfigRecord({"server-round": 1})}),
-        dst_node_id=17,
-        message_type="train",
-        group_id="1",
-    )
-    (refused,) = strict.send_and_receive([train])
+    (refused,) = strict.send_and_receive([message("train")])
     assert refused.has_error() and "trains only under DP" in refused.error.reason
 
 
@@ -574,3 +567,28 @@ def test_the_progress_line_shows_epsilon_next_to_map() -> None:
     assert "global mAP 89.1 | max epsilon 2.35 (delta 1e-05, rdp) | failed: none" in line
     plain = dataclasses.replace(record, epsilon=None)
     assert "epsilon" not in _format_progress(plain, 5)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("noise-multiplier", SIGMA * 0.9, "not the run's public plan"),  # a tenth less noise
+        ("dp-dataset-size", 64, "not the run's public plan"),  # q from another N: a smaller q, a smaller epsilon
+    ],
+)
+def test_an_honestly_signed_entry_off_the_public_plan_is_not_aggregated(
+    config: Callable[..., dict[str, Any]], fake_grid: Callable[..., Any], key: str, value: Any, reason: str
+) -> None:
+    """A site whose run config says less noise (or another dataset size) than the run's signs a valid entry; the
+    server computes the plan itself and refuses the update, keeping the entry (the site did spend it)."""
+    cfg = config(**{"num-server-rounds": 1})
+    grid = fake_grid(build_client_app(), NODES, run_config=cfg)
+    grid.contexts[9001].run_config[key] = value  # partition 2 runs with its own idea of the plan
+    run = run_federation(grid, read_app_config(cfg))
+    (line,) = _lines(run.path)
+    assert line["clients_replied"] == [0, 1]
+    (failure,) = line["clients_failed"]
+    assert failure["client_id"] == 2 and reason in failure["reason"]
+    assert failure["reason"].startswith(f"error {privacy_hooks.LEDGER_REJECTED_CODE}: ledger rejected")
+    assert [e.node_id for e in _entries(run.path / "epsilon_ledger.jsonl")].count("2") == 1
+
